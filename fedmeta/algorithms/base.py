@@ -38,7 +38,14 @@ class Step:
     def direction(self, algorithm: "Algorithm", params: Params, batch) -> Params:
         return algorithm.mean_update(params, batch)
 
+    def affordable(self, steps: int) -> bool:
+        """Whether ``steps`` more steps fit the client's budget (always, without DP)."""
+        return True
+
     def after_round(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
         return {}
 
 

@@ -83,7 +83,7 @@ def evaluate_client(algorithm: Algorithm, params: Params, client: ClientTasks, s
             with torch.no_grad() if n_steps == 0 else torch.enable_grad():
                 scores = user_scores(algorithm, params, tasks, client, n_steps, gen, device)
             for metric, value in rank_users(scores, tasks, client.catalog.n_items, gen).items():
-                rows.append({"population": population, "phase": phase,
+                rows.append({"population": population, "stage": phase,
                              "domain": client.catalog.domain, "client": client.client_id,
                              "metric": metric, "value": value})
     return rows
@@ -105,7 +105,7 @@ def popularity_rows(clients: list[ClientTasks], seed: int) -> list[dict]:
             scores = counts[c.catalog.domain].expand(len(tasks), -1)
             for metric, value in rank_users(scores, tasks, c.catalog.n_items, gen).items():
                 for phase in ("before", "after"):
-                    rows.append({"population": population, "phase": phase,
+                    rows.append({"population": population, "stage": phase,
                                  "domain": c.catalog.domain, "client": c.client_id,
                                  "metric": metric, "value": value})
     return rows

@@ -1,0 +1,148 @@
+"""User-level DP-SGD inside a client: the privacy wrapper around one local step.
+
+The privacy unit is one user: a user's whole history is one sample, users are Poisson-
+sampled at rate q each step, each user's update direction (whatever the algorithm makes of
+that user: a gradient, a Reptile difference, a MAML meta-gradient) is clipped to L2 norm C
+over *all* meta-parameters jointly, and Gaussian noise N(0, sigma^2 C^2) is added to the sum
+before dividing by the expected batch size q*n. Clipping, noise and scaling are Opacus's
+``DPOptimizer``; accounting is an Opacus accountant (RDP or PRV) that persists across rounds
+and restarts through the client state. Per-user directions come from ``torch.func`` (any
+algorithm) or, for FedAvg, from Opacus's own hooks.
+
+The noise multiplier, when a target epsilon is given, is solved once for the whole planned
+run (``rounds * local_steps`` steps at rate q) and then kept in the state, so later rounds
+never re-solve it with a different answer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from opacus.optimizers import DPOptimizer
+
+from fedmeta.algorithms.base import Algorithm, Step
+from fedmeta.algorithms.objective import Params
+from fedmeta.config import ExperimentConfig, LocalDPConfig
+from fedmeta.privacy.accounting import UserLevelAccountant
+from fedmeta.privacy.planning import noise_for_budget
+
+log = logging.getLogger(__name__)
+
+
+class PrivateStep(Step):
+    def __init__(self, dp: LocalDPConfig, n_users: int, sample_rate: float, noise_multiplier: float,
+                 accountant: UserLevelAccountant, noise_seed: int):
+        self.dp, self.n_users, self.q = dp, n_users, sample_rate
+        self.sigma, self.accountant = noise_multiplier, accountant
+        self.expected_batch = max(1, round(sample_rate * n_users))
+        self.noise_gen = torch.Generator().manual_seed(noise_seed)
+        self._optimizer: DPOptimizer | None = None
+        self._slots: dict[str, torch.nn.Parameter] = {}
+        self.steps_taken = 0
+
+    @classmethod
+    def for_client(cls, cfg: ExperimentConfig, n_users: int, state: dict) -> "PrivateStep":
+        dp = cfg.privacy.local
+        if n_users < 1:
+            raise ValueError("local DP needs at least one training user")
+        q = min(1.0, cfg.algorithm.users_per_step / n_users)
+        saved = state.get("dp")
+        if saved is not None:
+            accountant = UserLevelAccountant.from_state_dict(saved["accountant"])
+            sigma = float(saved["noise_multiplier"])
+            if abs(saved["sample_rate"] - q) > 1e-12:
+                raise ValueError(f"client sample rate changed across restarts ({saved['sample_rate']} "
+                                 f"-> {q}); the saved privacy accounting would no longer hold")
+        else:
+            delta = dp.delta if dp.delta is not None else 1.0 / n_users
+            accountant = UserLevelAccountant(dp.mechanism, delta, dp.target_epsilon)
+            total = cfg.runtime.rounds * cfg.algorithm.local_steps
+            sigma = (dp.noise_multiplier if dp.noise_multiplier is not None
+                     else noise_for_budget(dp.target_epsilon, delta, q, total, dp.mechanism))
+            log.info("local DP: n_users=%d q=%.4f delta=%.2e sigma=%.4f C=%.3g over %d planned steps",
+                     n_users, q, delta, sigma, dp.max_grad_norm, total)
+        # noise stream keyed by steps already taken: a resumed run draws what an uninterrupted one would
+        taken = sum(int(h[2]) for h in accountant.state_dict()["history"])
+        seed = (cfg.seed * 1_000_003 + n_users * 7919 + taken) % (2**63)
+        return cls(dp, n_users, q, sigma, accountant, seed)
+
+    # ---- Step interface ------------------------------------------------------------------
+    def sample(self, n_users: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        """Poisson sampling: each user independently with probability q (amplification needs it)."""
+        return torch.nonzero(torch.rand(n_users, generator=gen) < self.q).flatten()
+
+    def affordable(self, steps: int) -> bool:
+        return self.accountant.can_afford(self.sigma, self.q, steps)
+
+    def direction(self, algorithm: Algorithm, params: Params, batch) -> Params:
+        n = batch["seq"].shape[0]
+        if n == 0:
+            per_user = {k: v.new_zeros((0, *v.shape)) for k, v in params.items()}
+        elif self.dp.grad_sample_mode == "hooks":
+            per_user = opacus_hooks_grads(algorithm, params, batch)
+        else:
+            per_user = algorithm.user_updates(params, batch)
+        direction = self.privatize(per_user, params)
+        self.accountant.step(self.sigma, self.q, 1)
+        self.steps_taken += 1
+        return direction
+
+    def privatize(self, per_user: Params, like: Params) -> Params:
+        """Clip each user's direction to C (jointly over all tensors), add noise, scale."""
+        opt = self._dp_optimizer(like)
+        missing = set(like) - set(per_user)
+        if missing:
+            raise RuntimeError(f"per-user directions miss trainable tensors {sorted(missing)[:5]}: "
+                               "every meta-parameter must be clipped and noised")
+        for name, slot in self._slots.items():
+            slot.grad_sample = per_user[name].detach().to(slot.dtype)
+        opt.pre_step()
+        out = {name: slot.grad.detach().clone() for name, slot in self._slots.items()}
+        opt.zero_grad(set_to_none=True)
+        return out
+
+    def _dp_optimizer(self, like: Params) -> DPOptimizer:
+        if self._optimizer is None:
+            self._slots = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in like.items()}
+            self._optimizer = DPOptimizer(
+                torch.optim.SGD(list(self._slots.values()), lr=1.0),
+                noise_multiplier=self.sigma, max_grad_norm=self.dp.max_grad_norm,
+                expected_batch_size=self.expected_batch, loss_reduction="mean",
+                generator=self.noise_gen)
+        return self._optimizer
+
+    def after_round(self) -> dict[str, float]:
+        return {"epsilon": self.accountant.epsilon(), "noise_multiplier": self.sigma,
+                "sample_rate": self.q, "dp_steps": float(self.steps_taken)}
+
+    def state_dict(self) -> dict:
+        return {"dp": {"accountant": self.accountant.state_dict(), "noise_multiplier": self.sigma,
+                       "sample_rate": self.q},
+                "epsilon": self.accountant.epsilon(), "delta": self.accountant.delta}
+
+
+def opacus_hooks_grads(algorithm: Algorithm, params: Params, batch) -> Params:
+    """Per-user FedAvg gradients from Opacus's GradSampleModule hooks (one user = one sample)."""
+    from opacus import GradSampleModule
+
+    from fedmeta.algorithms.fedavg import _all_targets
+
+    model = algorithm.objective.model
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for k, v in params.items():
+            named[k].copy_(v)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    try:
+        full = _all_targets(batch)
+        hidden, cand = gsm(full["seq"], full["attn"], full["cand"])
+        loss = algorithm.objective.nll(hidden, cand, full, "all").mean()
+        loss.backward()
+        out = {k: named[k].grad_sample.detach().clone() for k in params}
+    finally:
+        gsm.zero_grad(set_to_none=True)
+        gsm._close()
+        for p in model.parameters():
+            p.grad = None
+    return out
