@@ -35,5 +35,8 @@ def compose(overrides: list[str] | None = None) -> ExperimentConfig:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             raw = hydra_compose(config_name="config", overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(str(err)) from err
+        inner = err.__cause__ if err.__cause__ is not None else err
+        key = getattr(inner, "full_key", None)
+        why = str(inner).splitlines()[0]
+        raise ConfigError(f"{key}: {why}" if key else str(err)) from err
     return resolve(raw)
