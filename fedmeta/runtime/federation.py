@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fedmeta.algorithms import Algorithm, Objective, build_algorithm
-from fedmeta.config import MODEL_SIZES, ExperimentConfig
+from fedmeta.config import MODEL_SIZES, ConfigError, ExperimentConfig
 from fedmeta.data.partition import ClientPartition, partition_domain
 from fedmeta.data.schema import DataError, InteractionData, filter_min_interactions, validate
 from fedmeta.data.tasks import Catalog, ClientTasks, build_client_tasks, user_sequences
@@ -31,8 +31,14 @@ def load_data(cfg: ExperimentConfig) -> InteractionData:
     """Sources -> one validated multi-domain frame."""
     d = cfg.data
     if d.source == "synthetic":
+        from dataclasses import fields
+
         from fedmeta.data.synthetic import SyntheticConfig, generate
 
+        known = {f.name for f in fields(SyntheticConfig)}
+        unknown = sorted(set(d.synthetic) - known)
+        if unknown:
+            raise ConfigError(f"data.synthetic: unknown key(s) {unknown}; valid: {sorted(known)}")
         data = generate(SyntheticConfig(**{"seed": d.seed, **d.synthetic}))
         source = "synthetic"
     else:
