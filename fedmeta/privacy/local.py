@@ -77,6 +77,14 @@ class PrivateStep(Step):
 
     def direction(self, algorithm: Algorithm, params: Params, batch) -> Params:
         n = batch["seq"].shape[0]
+        if self.dp.grad_sample_mode == "ghost":   # clips without materialising per-user gradients
+            from fedmeta.privacy.ghost import ghost_direction
+
+            direction = ghost_direction(algorithm, params, batch, self.dp.max_grad_norm, self.sigma,
+                                        self.expected_batch, self.noise_gen)
+            self.accountant.step(self.sigma, self.q, 1)
+            self.steps_taken += 1
+            return direction
         if n == 0:
             per_user = {k: v.new_zeros((0, *v.shape)) for k, v in params.items()}
         elif self.dp.grad_sample_mode == "hooks":
@@ -143,6 +151,10 @@ def opacus_hooks_grads(algorithm: Algorithm, params: Params, batch) -> Params:
     finally:
         gsm.zero_grad(set_to_none=True)
         gsm._close()
+        for module in model.modules():   # a failed pass must not leave state that rescales the next
+            for attr in ("activations", "max_batch_len"):
+                if hasattr(module, attr):
+                    delattr(module, attr)
         for p in model.parameters():
             p.grad = None
     return out
