@@ -1,0 +1,1 @@
+"""Flower-side entry points of fedmeta: the ServerApp, the simulation and deployment launchers."""

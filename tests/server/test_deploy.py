@@ -1,0 +1,222 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from fedmeta.config import ConfigError
+from fedmeta.runtime.hydra_config import compose
+from server import certs, deploy
+
+PY = sys.executable
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def reaper():
+    """Kill, by PID, anything a test left running, so a failing test leaks nothing."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+
+
+# ----------------------------------------------------------------------------- supervisor
+
+def test_child_is_killed_when_the_block_raises(tmp_path, reaper):
+    with pytest.raises(RuntimeError, match="boom"):
+        with deploy.Supervisor(tmp_path) as sup:
+            proc = sup.start("sleeper", ["sleep", "60"])
+            reaper.append(proc.pid)
+            assert proc.alive()
+            raise RuntimeError("boom")
+    assert _gone(proc.pid)
+    assert sup.procs == []
+
+
+def test_detached_grandchild_is_killed_too(tmp_path, reaper):
+    """Like SuperLink's flower-superexec: a grandchild in its own session, outside the
+    child's process group, must not survive."""
+    script = ("import subprocess, time; p = subprocess.Popen(['sleep', '60'], "
+              "start_new_session=True); print(p.pid, flush=True); time.sleep(60)")
+    with deploy.Supervisor(tmp_path) as sup:
+        proc = sup.start("parent", [PY, "-c", script])
+        reaper.append(proc.pid)
+        assert _wait_for(lambda: proc.log_path.read_text().strip() != "")
+        grandchild = int(proc.log_path.read_text().split()[0])
+        reaper.append(grandchild)
+        assert os.getpgid(grandchild) != os.getpgid(proc.pid)
+    assert _gone(proc.pid) and _gone(grandchild)
+
+
+def test_sigterm_ignoring_child_is_killed_after_grace(tmp_path, reaper):
+    script = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              "print('ready', flush=True); time.sleep(60)")
+    sup = deploy.Supervisor(tmp_path, grace=0.5)
+    proc = sup.start("stubborn", [PY, "-c", script])
+    reaper.append(proc.pid)
+    assert _wait_for(lambda: "ready" in proc.log_path.read_text())
+    t0 = time.monotonic()
+    sup.stop_all()
+    assert _gone(proc.pid)
+    assert proc.popen.returncode == -signal.SIGKILL
+    assert time.monotonic() - t0 < 8
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_raises_interrupted_and_stops_children(tmp_path, reaper, signum):
+    previous = signal.getsignal(signum)
+    with pytest.raises(deploy.Interrupted) as info:
+        with deploy.raise_on_signals(), deploy.Supervisor(tmp_path) as sup:
+            procs = [sup.start(f"s{i}", ["sleep", "60"]) for i in range(2)]
+            reaper.extend(p.pid for p in procs)
+            os.kill(os.getpid(), signum)
+            time.sleep(5)                      # the handler interrupts this
+    assert info.value.signum == signum
+    assert all(_gone(p.pid) for p in procs)
+    assert signal.getsignal(signum) is previous          # handlers restored
+
+
+def test_child_log_captures_output(tmp_path):
+    with deploy.Supervisor(tmp_path) as sup:
+        proc = sup.start("echo", [PY, "-c", "import sys; print('out'); print('err', file=sys.stderr)"])
+        proc.popen.wait(10)
+    assert proc.tail().split() == ["out", "err"]
+
+
+def test_child_env_puts_venv_first_and_isolates_flower(tmp_path):
+    env = deploy.child_env(tmp_path / "home")
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert Path(env["PATH"].split(os.pathsep)[0], "flower-superexec").exists()
+    assert env["FLWR_HOME"] == str(tmp_path / "home")
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+# ----------------------------------------------------------------------------- config side
+
+def test_run_dir_is_absolute_hydra_style_and_passed_as_output_dir(tmp_path, monkeypatch):
+    import datetime
+
+    monkeypatch.chdir(tmp_path)
+    now = datetime.datetime(2025, 3, 4, 5, 6, 7)
+    overrides, run_dir = deploy.run_dir_for(["algorithm=reptile"], now)
+    assert run_dir == tmp_path / "outputs" / "2025-03-04" / "05-06-07"
+    assert overrides == ["algorithm=reptile", f"output_dir={run_dir}"]
+    overrides, run_dir = deploy.run_dir_for(["hydra.run.dir=elsewhere", "seed=1"])
+    assert run_dir == tmp_path / "elsewhere"
+    assert overrides == ["seed=1", f"output_dir={run_dir}"]
+
+
+def test_runtime_is_forced_to_deployment():
+    assert deploy.deployment_overrides(["seed=3", "runtime=deployment"]) == [
+        "runtime=deployment", "seed=3"]
+    with pytest.raises(ConfigError, match="runtime"):
+        deploy.deployment_overrides(["runtime=simulation"])
+
+
+def test_node_count_includes_new_clients():
+    assert deploy.node_count(compose(["data=synthetic_small"])) == 6     # 3 + 3, one new each
+    cfg = compose(["data=synthetic_small", "data.clients=[{domain:ecommerce,n_clients:2,"
+                   "new_clients:0},{domain:social,n_clients:1,new_clients:0}]"])
+    assert deploy.node_count(cfg) == 3
+    cfg = compose(["data.clients=[{domain:social,n_clients:1,new_clients:0,scheme:user}]"])
+    with pytest.raises(ConfigError, match="--nodes"):
+        deploy.node_count(cfg)
+
+
+def test_invalid_config_fails_before_any_process(tmp_path, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(deploy.Supervisor, "start", lambda self, *a, **k: started.append(a))
+    code = deploy.main(["--workdir", str(tmp_path / "wd"), "algorithm.name=nope"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and "algorithm.name" in err
+    assert started == [] and not (tmp_path / "wd").exists()
+
+
+# ----------------------------------------------------------------------------- real processes
+
+TWO_CLIENTS = ("data.clients=[{domain:ecommerce,n_clients:1,new_clients:0,scheme:iid},"
+               "{domain:social,n_clients:1,new_clients:0,scheme:iid}]")
+
+
+def _flower_processes(markers: list[str]) -> list[psutil.Process]:
+    """Flower daemons whose command line mentions this test's work dir or SuperLink port."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if (p.info["status"] != psutil.STATUS_ZOMBIE and "flower-" in cmd
+                    and any(m in cmd for m in markers)):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_tls_authenticated_deployment_end_to_end(tmp_path, reaper):
+    workdir, run_dir = tmp_path / "wd", tmp_path / "run"
+    seen: dict = {}
+
+    def after_run(dep: deploy.Deployment):
+        seen["port"] = dep.port
+        reaper.extend(p.pid for p in dep.sup.procs)
+        assert "https://" in dep.superlink.log_path.read_text()
+        # a SuperNode whose key was never registered is refused
+        private, public = certs.make_node_key()
+        (tmp_path / "rogue").write_bytes(private)
+        (tmp_path / "rogue").chmod(0o600)
+        rogue = dep.start_supernode(9, 2, tmp_path / "rogue", name="rogue")
+        reaper.append(rogue.pid)
+        try:
+            seen["rogue_code"] = rogue.popen.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            seen["rogue_code"] = None
+        seen["rogue_log"] = rogue.tail(80)
+        seen["pids"] = [pid for p in dep.sup.procs for pid in p.family]
+        reaper.extend(seen["pids"])
+
+    out = deploy.deploy([f"hydra.run.dir={run_dir}", "data=synthetic_small", TWO_CLIENTS,
+                         "model=tiny", "runtime.rounds=2", "algorithm.local_steps=1",
+                         "algorithm.users_per_step=4", "algorithm.negatives=8"],
+                        workdir, timeout=240, after_run=after_run, echo=lambda s: None)
+    assert out == run_dir.resolve()
+    # the unregistered node exits with Flower's connection-failure code 305
+    assert seen["rogue_code"] not in (None, 0)
+    assert "305" in seen["rogue_log"], seen["rogue_log"]
+    # the run wrote the same outputs as the simulation
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    train = metrics[metrics["phase"] == "train"]
+    assert sorted(train["round"].unique()) == [1, 2]
+    assert train.groupby("round")["client"].nunique().tolist() == [2, 2]
+    assert (run_dir / "summary.json").exists()
+    # nothing left behind
+    assert all(_gone(pid) for pid in seen["pids"])
+    assert _flower_processes([str(workdir), f":{seen['port']}"]) == []
+    assert [c for c in psutil.Process().children(recursive=True)
+            if "flower" in " ".join(c.cmdline()) or "flwr" in c.name()] == []
