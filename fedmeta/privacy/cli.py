@@ -1,0 +1,263 @@
+"""``fedmeta-privacy``: plan a privacy budget before training, or measure the trade-off.
+
+``plan`` answers without training: the noise multiplier that spends a target epsilon over a
+whole run (solved once for all rounds x local steps), or the epsilon a noise multiplier
+spends. ``--central`` plans client-level central DP instead (one Gaussian aggregation per
+round at the client sampling rate). ``--verify`` also shows Google's dp_accounting value and
+fails when the two accountants disagree.
+
+``grid`` trains the same data and seed under local DP at several target epsilons and
+central DP at several noise multipliers, and tabulates utility against the verified epsilon.
+
+Usage::
+
+    fedmeta-privacy plan --target-epsilon 4 --delta 1e-3 --rounds 10 --local-steps 4 \\
+        --sample-rate 0.1 --verify
+    fedmeta-privacy plan --central --noise-multiplier 1.0 --delta 1e-5 --rounds 50 \\
+        --sample-rate 0.5
+    fedmeta-privacy grid --local-eps 1 8 inf --central-noise 1.0 --out outputs/privacy \\
+        runtime.rounds=5
+
+Exit status: 0 ok, 1 an epsilon failed its independent check (or a run failed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+from fedmeta.config import ConfigError
+from fedmeta.data.schema import DataError
+from fedmeta.privacy.accounting import MECHANISMS
+from fedmeta.privacy.planning import PlanQuery, epsilon_for_noise, noise_for_budget, plan
+from fedmeta.privacy.tradeoff import (DEFAULT_CENTRAL_NOISE, DEFAULT_LOCAL_EPS,
+                                      DEFAULT_OVERRIDES, EpsilonCheckError, failed_checks,
+                                      footnotes, run_grid, table_markdown)
+
+PROG = "fedmeta-privacy"
+
+
+# ---- argument types: argparse names the flag in its error message ----------------------
+def positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def positive_or_inf(text: str) -> float:
+    if text.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    return positive(text)
+
+
+def open_unit(text: str) -> float:
+    v = positive(text)
+    if not v < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
+    return v
+
+
+def rate(text: str) -> float:
+    v = positive(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return v
+
+
+def count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pl = sub.add_parser("plan", help="noise for a target epsilon, or epsilon for a noise")
+    what = pl.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target-epsilon", type=positive, help="solve the noise for this budget")
+    what.add_argument("--noise-multiplier", type=positive, help="epsilon spent at this noise")
+    pl.add_argument("--delta", type=open_unit, required=True)
+    pl.add_argument("--rounds", type=count, required=True)
+    pl.add_argument("--local-steps", type=count,
+                    help="DP-SGD steps per round inside a client (local DP only)")
+    pl.add_argument("--sample-rate", type=rate, required=True,
+                    help="users sampled per step / users of the client (local), or clients "
+                         "per round / clients (central)")
+    pl.add_argument("--mechanism", choices=MECHANISMS, default="rdp")
+    pl.add_argument("--central", action="store_true",
+                    help="client-level central DP: one noisy aggregation per round")
+    pl.add_argument("--verify", action="store_true",
+                    help="also compute with dp_accounting; exit 1 if they disagree")
+
+    gr = sub.add_parser("grid", help="utility vs epsilon over local and central DP settings",
+                        description="Hydra overrides (key=value) may appear anywhere; "
+                                    f"defaults applied first: {' '.join(DEFAULT_OVERRIDES)}")
+    gr.add_argument("--local-eps", type=positive_or_inf, nargs="*",
+                    default=list(DEFAULT_LOCAL_EPS), metavar="EPS",
+                    help="local DP target epsilons; inf = DP off (default: %(default)s)")
+    gr.add_argument("--central-noise", type=positive, nargs="*",
+                    default=list(DEFAULT_CENTRAL_NOISE), metavar="SIGMA",
+                    help="central DP noise multipliers (default: %(default)s)")
+    gr.add_argument("--out", type=Path, default=Path("outputs/privacy_tradeoff"))
+    gr.add_argument("--seed", type=int, default=0)
+    gr.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. runtime.rounds=5")
+    return p
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull Hydra overrides out first: ``--local-eps 8 inf x=1`` must not eat ``x=1``."""
+    takes_value = {"--out", "--seed"}
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in takes_value and i + 1 < len(argv):
+            rest += [tok, argv[i + 1]]
+            i += 2
+            continue
+        if not tok.startswith("-") and ("=" in tok or tok.startswith("~")):
+            overrides.append(tok)
+        else:
+            rest.append(tok)
+        i += 1
+    return rest, overrides
+
+
+# ---- plan -------------------------------------------------------------------------------
+FLAG_OF = {"target_epsilon": "--target-epsilon", "noise_multiplier": "--noise-multiplier",
+           "sample_rate": "--sample-rate", "delta": "--delta", "local_steps": "--local-steps",
+           "rounds": "--rounds", "mechanism": "--mechanism"}
+
+
+def flag_for(message: str) -> str:
+    for key, flag in FLAG_OF.items():
+        if message.startswith(key) or f" {key}" in message:
+            return flag
+    return "input"
+
+
+def answer(q: PlanQuery, verify: bool) -> dict:
+    """The plan; dp_accounting's independent values only when asked (they cost time)."""
+    if verify:
+        return plan(q)
+    total = q.total_steps
+    out = {"noise_for_target": None, "epsilon_at_noise_for_target": None,
+           "epsilon_for_noise": None, "independent": {}, "agrees": True}
+    if q.target_epsilon is not None:
+        sigma = noise_for_budget(q.target_epsilon, q.delta, q.sample_rate, total, q.mechanism)
+        out["noise_for_target"] = sigma
+        out["epsilon_at_noise_for_target"] = epsilon_for_noise(sigma, q.delta, q.sample_rate,
+                                                               total, q.mechanism)
+    if q.noise_multiplier is not None:
+        out["epsilon_for_noise"] = epsilon_for_noise(q.noise_multiplier, q.delta, q.sample_rate,
+                                                     total, q.mechanism)
+    return out
+
+
+def plan_table(q: PlanQuery, result: dict, central: bool, verify: bool) -> str:
+    mode = ("central: client-level DP, one noisy aggregation per round" if central else
+            "local: user-level DP-SGD inside each client")
+    steps = (f"{q.rounds} rounds" if central else
+             f"{q.rounds} rounds x {q.local_steps} local steps = {q.total_steps}")
+    rows = [("mode", mode), ("mechanism", q.mechanism), ("delta", f"{q.delta:.3g}"),
+            ("sample rate", f"{q.sample_rate:.6g}"), ("steps", steps)]
+    if q.target_epsilon is not None:
+        key = "epsilon_at_noise_for_target"
+        rows += [("target epsilon", f"{q.target_epsilon:g}"),
+                 ("noise multiplier (solved)", f"{result['noise_for_target']:.4f}"),
+                 ("epsilon spent", f"{result[key]:.4f}")]
+    else:
+        key = "epsilon_for_noise"
+        rows += [("noise multiplier", f"{q.noise_multiplier:g}"),
+                 ("epsilon spent", f"{result[key]:.4f}")]
+    if verify:
+        rows += [("epsilon (dp_accounting)", f"{result['independent'][key]:.4f}"),
+                 ("accountants agree", "yes" if result["agrees"] else "NO")]
+    lines = ["| quantity | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def plan_command(args, p: argparse.ArgumentParser) -> int:
+    sub = f"{PROG} plan"
+    if args.central and args.local_steps is not None:
+        print(f"{sub}: error: argument --local-steps: not used with --central (central DP "
+              "adds noise once per round)", file=sys.stderr)
+        return 2
+    if not args.central and args.local_steps is None:
+        print(f"{sub}: error: argument --local-steps: required for local (user-level) "
+              "planning", file=sys.stderr)
+        return 2
+    try:
+        q = PlanQuery(args.target_epsilon, args.noise_multiplier, args.delta, args.rounds,
+                      1 if args.central else args.local_steps, args.sample_rate,
+                      args.mechanism)
+        result = answer(q, args.verify)
+    except ValueError as err:
+        print(f"{sub}: error: argument {flag_for(str(err))}: {err}", file=sys.stderr)
+        return 2
+    print(plan_table(q, result, args.central, args.verify))
+    if args.verify and not result["agrees"]:
+        print(f"{sub}: error: Opacus and dp_accounting disagree beyond tolerance; do not "
+              "rely on this epsilon", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- grid -------------------------------------------------------------------------------
+def grid_command(args, overrides: list[str]) -> int:
+    if not args.local_eps and not args.central_noise:
+        print(f"{PROG} grid: error: argument --local-eps/--central-noise: no settings to run",
+              file=sys.stderr)
+        return 2
+    try:
+        frame = run_grid(args.local_eps, args.central_noise, overrides, args.out, args.seed)
+    except (ConfigError, DataError) as err:
+        print(f"{PROG} grid: error: {err}", file=sys.stderr)
+        return 2
+    except (EpsilonCheckError, RuntimeError) as err:
+        print(f"{PROG} grid: error: {err}", file=sys.stderr)
+        return 1
+    print(f"\nprivacy/utility trade-off (same data, seed {args.seed}); "
+          f"{args.out / 'privacy_tradeoff.csv'}, {args.out / 'privacy_tradeoff.png'}\n")
+    print(table_markdown(frame))
+    print()
+    for i, note in enumerate(footnotes(frame), 1):
+        print(f"[{i}] {note}")
+    bad = failed_checks(frame)
+    if len(bad):
+        print(f"{PROG} grid: error: epsilon check FAILED for {', '.join(bad['setting'])}: "
+              "the table shows the largest candidate epsilon; see notes", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = split_overrides(argv) if argv[:1] == ["grid"] else (argv, [])
+    p = parser()
+    args = p.parse_args(rest)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # dp_accounting reports every fractional RDP order it drops ("failed to converge");
+    # dropping an order only loosens its bound, so the notes are noise here
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    if args.command == "plan":
+        return plan_command(args, p)
+    return grid_command(args, overrides + list(args.overrides))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
