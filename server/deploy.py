@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedmeta"                # SuperLink connection name in $FLWR_HOME/config.toml
-RUN_CONFIG_KEY = "overrides"          # [tool.flwr.app.config] key the ServerApp reads
+OVERRIDES_KEY = "overrides"           # [tool.flwr.app.config] keys the ServerApp reads:
+OUTPUT_KEY = "output-dir"             # shell-quoted Hydra overrides, and the run directory
 LOOPBACK = "127.0.0.1"
 
 
@@ -463,6 +465,26 @@ def node_count(cfg: ExperimentConfig) -> int:
     return sum(c.n_clients for c in cfg.data.clients)
 
 
+def app_run_config(app_dir: str | Path, overrides: Sequence[str], run_dir: Path) -> dict:
+    """The run config for the app: only keys its pyproject declares (``flwr run`` rejects
+    others), and the overrides key is required - without it the ServerApp would silently run
+    the default experiment."""
+    import tomllib
+
+    path = Path(app_dir) / "pyproject.toml"
+    try:
+        declared = tomllib.loads(path.read_text())["tool"]["flwr"]["app"].get("config", {})
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
+        raise DeployError(f"{path}: no readable [tool.flwr.app] section ({err!r})") from err
+    if OVERRIDES_KEY not in declared:
+        raise DeployError(f"{path}: [tool.flwr.app.config] has no {OVERRIDES_KEY!r} key, so the "
+                          "ServerApp cannot receive the experiment's overrides")
+    out = {OVERRIDES_KEY: shlex.join(overrides)}
+    if OUTPUT_KEY in declared:
+        out[OUTPUT_KEY] = str(run_dir)
+    return out
+
+
 def deploy(overrides: Sequence[str], workdir: str | Path, nodes: int | None = None, *,
            insecure: bool = False, port: int | None = None, app_dir: str | Path = REPO_ROOT,
            echo: Callable[[str], None] = print, timeout: float | None = None,
@@ -475,12 +497,14 @@ def deploy(overrides: Sequence[str], workdir: str | Path, nodes: int | None = No
     overrides, run_dir = run_dir_for(deployment_overrides(overrides))
     cfg = compose(overrides)                       # ConfigError before any process starts
     n = nodes if nodes is not None else node_count(cfg)
-    if nodes is not None and nodes != node_count(cfg):
-        log.warning("--nodes %d differs from the %d clients of the config", nodes, node_count(cfg))
+    with contextlib.suppress(ConfigError):
+        if n != node_count(cfg):
+            log.warning("--nodes %d differs from the %d clients of the config", n, node_count(cfg))
+    run_config = app_run_config(app_dir, overrides, run_dir)
     with Deployment(workdir, insecure=insecure, port=port, echo=echo) as dep:
         dep.start(n)
         echo(f"submitting run: {n} SuperNodes, output {run_dir}")
-        run_id = dep.submit(app_dir, {RUN_CONFIG_KEY: " ".join(overrides)}, timeout=timeout)
+        run_id = dep.submit(app_dir, run_config, timeout=timeout)
         echo(f"run {run_id} completed; outputs in {run_dir}")
         if after_run is not None:
             after_run(dep)

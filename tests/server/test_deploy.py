@@ -1,4 +1,6 @@
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -148,6 +150,28 @@ def test_node_count_includes_new_clients():
         deploy.node_count(cfg)
 
 
+def test_run_config_follows_the_app_declaration(tmp_path):
+    with pytest.raises(deploy.DeployError, match=r"tool.flwr.app"):
+        (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+        deploy.app_run_config(tmp_path, ["a=1"], tmp_path / "run")
+    (tmp_path / "pyproject.toml").write_text("[tool.flwr.app.config]\nother = 1\n")
+    with pytest.raises(deploy.DeployError, match="overrides"):
+        deploy.app_run_config(tmp_path, ["a=1"], tmp_path / "run")
+    (tmp_path / "pyproject.toml").write_text("[tool.flwr.app.config]\noverrides = ''\n")
+    tricky = ["data.clients=[{domain:x,n_clients:1}]", "name=a b"]
+    cfg = deploy.app_run_config(tmp_path, tricky, tmp_path / "run")
+    assert cfg.keys() == {"overrides"}                       # no undeclared output-dir
+    assert shlex.split(cfg["overrides"]) == tricky
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.flwr.app.config]\noverrides = ''\noutput-dir = ''\n")
+    assert deploy.app_run_config(tmp_path, [], tmp_path / "run")["output-dir"] == str(tmp_path / "run")
+
+
+def test_repo_app_declares_the_run_config_keys():
+    cfg = deploy.app_run_config(deploy.REPO_ROOT, ["seed=1"], Path("/x"))
+    assert cfg["overrides"] == "seed=1"
+
+
 def test_invalid_config_fails_before_any_process(tmp_path, monkeypatch, capsys):
     started = []
     monkeypatch.setattr(deploy.Supervisor, "start", lambda self, *a, **k: started.append(a))
@@ -162,6 +186,13 @@ def test_invalid_config_fails_before_any_process(tmp_path, monkeypatch, capsys):
 
 TWO_CLIENTS = ("data.clients=[{domain:ecommerce,n_clients:1,new_clients:0,scheme:iid},"
                "{domain:social,n_clients:1,new_clients:0,scheme:iid}]")
+# every message starts a ClientApp process (imports + federation build, ~10 s on 2 cores), so
+# the data and the evaluation are kept small
+SMALL = ["data=synthetic_small", TWO_CLIENTS, "model=tiny", "runtime.rounds=2",
+         "algorithm.local_steps=1", "algorithm.users_per_step=4", "algorithm.negatives=8",
+         "algorithm.inner_steps=1", "data.max_len=10", "data.max_eval_users=8",
+         "data.synthetic.ecommerce_users=60", "data.synthetic.social_users=60",
+         "data.synthetic.ecommerce_items=60", "data.synthetic.social_items=60"]
 
 
 def _flower_processes(markers: list[str]) -> list[psutil.Process]:
@@ -201,10 +232,9 @@ def test_tls_authenticated_deployment_end_to_end(tmp_path, reaper):
         seen["pids"] = [pid for p in dep.sup.procs for pid in p.family]
         reaper.extend(seen["pids"])
 
-    out = deploy.deploy([f"hydra.run.dir={run_dir}", "data=synthetic_small", TWO_CLIENTS,
-                         "model=tiny", "runtime.rounds=2", "algorithm.local_steps=1",
-                         "algorithm.users_per_step=4", "algorithm.negatives=8"],
-                        workdir, timeout=240, after_run=after_run, echo=lambda s: None)
+    lines: list[str] = []
+    out = deploy.deploy([f"hydra.run.dir={run_dir}", *SMALL], workdir, timeout=240,
+                        after_run=after_run, echo=lines.append)
     assert out == run_dir.resolve()
     # the unregistered node exits with Flower's connection-failure code 305
     assert seen["rogue_code"] not in (None, 0)
@@ -214,7 +244,13 @@ def test_tls_authenticated_deployment_end_to_end(tmp_path, reaper):
     train = metrics[metrics["phase"] == "train"]
     assert sorted(train["round"].unique()) == [1, 2]
     assert train.groupby("round")["client"].nunique().tolist() == [2, 2]
-    assert (run_dir / "summary.json").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["config"]["runtime"]["kind"] == "deployment"
+    assert summary["config"]["data"]["max_eval_users"] == 8      # the overrides reached the app
+    assert (run_dir / "checkpoint").is_dir()
+    # per-round progress was streamed to the console
+    assert any(line.startswith("round 1/2") for line in lines), lines
+    assert any(line.startswith("round 2/2") for line in lines), lines
     # nothing left behind
     assert all(_gone(pid) for pid in seen["pids"])
     assert _flower_processes([str(workdir), f":{seen['port']}"]) == []
