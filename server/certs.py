@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -167,10 +168,17 @@ def _load_reusable(files: TlsFiles, hosts: Sequence[str]):
         try:
             cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
             cert.verify_directly_issued_by(ca_cert)
-            server_ok = _fresh(cert) and set(hosts) <= san_hosts(cert)
-        except (ValueError, TypeError, x509.InvalidSignature) as err:
+            key = serialization.load_pem_private_key(files.server_key.read_bytes(), password=None)
+            server_ok = (_fresh(cert) and set(hosts) <= san_hosts(cert)
+                         and _same_key(key.public_key(), cert.public_key()))
+        except (ValueError, TypeError, InvalidSignature) as err:
             log.warning("server certificate %s not reusable: %s", files.server_cert, err)
     return ca_key, ca_cert, server_ok
+
+
+def _same_key(a, b) -> bool:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return a.public_bytes(*fmt) == b.public_bytes(*fmt)
 
 
 def ensure_tls(directory: str | Path, hosts: Sequence[str] = DEFAULT_HOSTS) -> TlsFiles:

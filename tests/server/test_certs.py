@@ -76,6 +76,30 @@ def test_tls_files_are_reused_and_renewed_for_new_hosts(tmp_path):
     srv.verify_directly_issued_by(_load(wider.ca_cert))
 
 
+def test_server_key_not_matching_the_cert_is_replaced(tmp_path):
+    files = certs.ensure_tls(tmp_path)
+    other_key, _ = certs.make_ca()
+    files.server_key.write_bytes(other_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    fresh = certs.ensure_tls(tmp_path)
+    key = serialization.load_pem_private_key(fresh.server_key.read_bytes(), password=None)
+    assert key.public_key().public_numbers() == _load(fresh.server_cert).public_key().public_numbers()
+    files.server_key.write_text("garbage")
+    certs.ensure_tls(tmp_path)
+    serialization.load_pem_private_key(files.server_key.read_bytes(), password=None)
+
+
+def test_server_cert_from_another_ca_is_reissued(tmp_path):
+    files = certs.ensure_tls(tmp_path)
+    ca_key, ca = certs.make_ca("other")
+    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.ca_cert.with_suffix(".key").write_bytes(ca_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    fresh = certs.ensure_tls(tmp_path)
+    assert _load(fresh.ca_cert).subject == ca.subject
+    _load(fresh.server_cert).verify_directly_issued_by(ca)
+
+
 def test_corrupt_ca_is_replaced(tmp_path):
     files = certs.ensure_tls(tmp_path)
     files.ca_cert.write_text("not a certificate")

@@ -13,7 +13,7 @@ import pytest
 
 from fedmeta.config import ConfigError
 from fedmeta.runtime.hydra_config import compose
-from server import certs, deploy
+from server import certs, deploy, supervisor
 
 PY = sys.executable
 
@@ -50,7 +50,7 @@ def reaper():
 
 def test_child_is_killed_when_the_block_raises(tmp_path, reaper):
     with pytest.raises(RuntimeError, match="boom"):
-        with deploy.Supervisor(tmp_path) as sup:
+        with supervisor.Supervisor(tmp_path) as sup:
             proc = sup.start("sleeper", ["sleep", "60"])
             reaper.append(proc.pid)
             assert proc.alive()
@@ -64,7 +64,7 @@ def test_detached_grandchild_is_killed_too(tmp_path, reaper):
     child's process group, must not survive."""
     script = ("import subprocess, time; p = subprocess.Popen(['sleep', '60'], "
               "start_new_session=True); print(p.pid, flush=True); time.sleep(60)")
-    with deploy.Supervisor(tmp_path) as sup:
+    with supervisor.Supervisor(tmp_path) as sup:
         proc = sup.start("parent", [PY, "-c", script])
         reaper.append(proc.pid)
         assert _wait_for(lambda: proc.log_path.read_text().strip() != "")
@@ -77,7 +77,7 @@ def test_detached_grandchild_is_killed_too(tmp_path, reaper):
 def test_sigterm_ignoring_child_is_killed_after_grace(tmp_path, reaper):
     script = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
               "print('ready', flush=True); time.sleep(60)")
-    sup = deploy.Supervisor(tmp_path, grace=0.5)
+    sup = supervisor.Supervisor(tmp_path, grace=0.5)
     proc = sup.start("stubborn", [PY, "-c", script])
     reaper.append(proc.pid)
     assert _wait_for(lambda: "ready" in proc.log_path.read_text())
@@ -91,8 +91,8 @@ def test_sigterm_ignoring_child_is_killed_after_grace(tmp_path, reaper):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_raises_interrupted_and_stops_children(tmp_path, reaper, signum):
     previous = signal.getsignal(signum)
-    with pytest.raises(deploy.Interrupted) as info:
-        with deploy.raise_on_signals(), deploy.Supervisor(tmp_path) as sup:
+    with pytest.raises(supervisor.Interrupted) as info:
+        with supervisor.raise_on_signals(), supervisor.Supervisor(tmp_path) as sup:
             procs = [sup.start(f"s{i}", ["sleep", "60"]) for i in range(2)]
             reaper.extend(p.pid for p in procs)
             os.kill(os.getpid(), signum)
@@ -103,7 +103,7 @@ def test_signal_raises_interrupted_and_stops_children(tmp_path, reaper, signum):
 
 
 def test_child_log_captures_output(tmp_path):
-    with deploy.Supervisor(tmp_path) as sup:
+    with supervisor.Supervisor(tmp_path) as sup:
         proc = sup.start("echo", [PY, "-c", "import sys; print('out'); print('err', file=sys.stderr)"])
         proc.popen.wait(10)
     assert proc.tail().split() == ["out", "err"]
@@ -174,7 +174,7 @@ def test_repo_app_declares_the_run_config_keys():
 
 def test_invalid_config_fails_before_any_process(tmp_path, monkeypatch, capsys):
     started = []
-    monkeypatch.setattr(deploy.Supervisor, "start", lambda self, *a, **k: started.append(a))
+    monkeypatch.setattr(supervisor.Supervisor, "start", lambda self, *a, **k: started.append(a))
     code = deploy.main(["--workdir", str(tmp_path / "wd"), "algorithm.name=nope"])
     assert code == 2
     err = capsys.readouterr().err
@@ -256,3 +256,31 @@ def test_tls_authenticated_deployment_end_to_end(tmp_path, reaper):
     assert _flower_processes([str(workdir), f":{seen['port']}"]) == []
     assert [c for c in psutil.Process().children(recursive=True)
             if "flower" in " ".join(c.cmdline()) or "flwr" in c.name()] == []
+
+
+def test_superlink_start_failure_reports_its_log(tmp_path, reaper):
+    """A SuperLink that dies at start-up: the error names it and carries its log tail."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake = fake_bin / "flower-superlink"
+    fake.write_text("#!/bin/sh\necho 'ERROR: cannot load the certificate' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    with pytest.raises(deploy.DeployError) as info:
+        with deploy.Deployment(tmp_path / "wd", echo=lambda s: None) as dep:
+            dep.bin = fake_bin
+            dep.start(2)
+    message = str(info.value)
+    assert "superlink exited with code 3" in message
+    assert "cannot load the certificate" in message
+    assert (tmp_path / "wd" / "logs" / "superlink.log").exists()
+
+
+def test_taken_port_is_refused_before_starting(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with deploy.Deployment(tmp_path / "wd", port=port, echo=lambda s: None) as dep:
+            with pytest.raises(deploy.DeployError, match="in use"):
+                dep.start(1)
+            assert dep.sup.procs == []

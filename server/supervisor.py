@@ -1,0 +1,184 @@
+"""Supervision of the Flower daemons ``fedmeta-deploy`` starts.
+
+Each child runs in its own session, so a Ctrl-C in the terminal reaches only ``fedmeta-deploy``,
+which then stops the children in a known order instead of letting them race. Stopping signals the
+child's process group *and* every descendant seen while it ran: SuperLink starts its
+``flower-superexec`` detached (a new session), which a group signal alone would miss. Whatever
+outlives the grace period gets SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; raised so that every ``finally`` stops the processes."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    family: dict[int, psutil.Process] = field(default_factory=dict)   # pid -> leader + descendants
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def refresh(self) -> None:
+        """Remember descendants while the tree is intact: once a parent dies, orphans are
+        re-parented and can no longer be found from the leader."""
+        try:
+            leader = psutil.Process(self.pid)
+            for p in [leader, *leader.children(recursive=True)]:
+                self.family.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+
+class Supervisor:
+    """Owns child processes; ``stop_all`` (also run on leaving the ``with`` block) ends them all."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None, grace: float = 10.0):
+        self.log_dir = Path(log_dir)
+        self.env = env
+        self.grace = grace
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: Sequence[str], pipe: bool = False) -> Proc:
+        """Start ``argv`` in a new session, output to ``<log_dir>/<name>.log`` (or a pipe)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.log_dir / f"{name}.log"
+        with open(path, "wb") as fh:
+            popen = subprocess.Popen(list(argv), env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if pipe else fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        proc = Proc(name, popen, path)
+        self.procs.append(proc)
+        proc.refresh()
+        log.debug("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
+        return proc
+
+    def refresh(self) -> None:
+        for p in self.procs:
+            p.refresh()
+
+    def stop(self, proc: Proc, grace: float | None = None) -> None:
+        """SIGTERM to the group and every known descendant, SIGKILL to what outlives ``grace``.
+        The leader is waited for through Popen (not psutil) so its exit code is kept."""
+        grace = self.grace if grace is None else grace
+        proc.refresh()
+        others = [p for pid, p in proc.family.items() if pid != proc.pid and _running(p)]
+        # the group id is still ours while the leader is unreaped or a member lives
+        if proc.alive() or others:
+            _signal_group(proc.pid, signal.SIGTERM)
+        for p in others:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        deadline = time.monotonic() + grace
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=grace)
+        _, left = psutil.wait_procs(others, timeout=max(0.0, deadline - time.monotonic()))
+        if left or proc.alive():
+            log.warning("%s did not stop within %.1f s: killing %s", proc.name, grace,
+                        [p.pid for p in left] + ([proc.pid] if proc.alive() else []))
+            _signal_group(proc.pid, signal.SIGKILL)
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(left, timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=5)
+        if proc.popen.stdout is not None:
+            proc.popen.stdout.close()
+
+    def stop_all(self) -> None:
+        """Newest first (SuperNodes before the SuperLink they would otherwise retry against).
+        A second Ctrl-C while stopping only shortens the grace period."""
+        hurry = {"now": False}
+        with _deferred_signals(lambda: hurry.__setitem__("now", True)):
+            while self.procs:
+                proc = self.procs.pop()
+                self.stop(proc, grace=0.5 if hurry["now"] else None)
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def raise_on_signals():
+    """Turn SIGINT/SIGTERM into :class:`Interrupted` so cleanup runs (main thread only)."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _deferred_signals(on_signal: Callable[[], None]):
+    if not _in_main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, lambda *_: on_signal()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
