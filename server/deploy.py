@@ -358,7 +358,11 @@ def deploy(overrides: Sequence[str], workdir: str | Path, nodes: int | None = No
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fedmeta-deploy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="fedmeta-deploy",
+        description="Run one experiment on a local Flower SuperLink and one SuperNode per client, "
+                    "with TLS and SuperNode authentication unless --insecure. Outputs go to "
+                    "outputs/<date>/<time> (or hydra.run.dir=...) like fedmeta-simulate.")
     p.add_argument("--nodes", type=int, default=None,
                    help="SuperNodes to start (default: one per client of the config)")
     p.add_argument("--insecure", action="store_true",
