@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -114,13 +115,16 @@ def parser() -> argparse.ArgumentParser:
                     help="central DP noise multipliers (default: %(default)s)")
     gr.add_argument("--out", type=Path, default=Path("outputs/privacy_tradeoff"))
     gr.add_argument("--seed", type=int, default=0)
+    gr.add_argument("--jobs", type=count, default=min(2, os.cpu_count() or 1),
+                    help="local-DP settings run side by side, one thread each "
+                         "(default: %(default)s)")
     gr.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. runtime.rounds=5")
     return p
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Pull Hydra overrides out first: ``--local-eps 8 inf x=1`` must not eat ``x=1``."""
-    takes_value = {"--out", "--seed"}
+    takes_value = {"--out", "--seed", "--jobs"}
     rest, overrides, i = [], [], 0
     while i < len(argv):
         tok = argv[i]
@@ -224,7 +228,8 @@ def grid_command(args, overrides: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        frame = run_grid(args.local_eps, args.central_noise, overrides, args.out, args.seed)
+        frame = run_grid(args.local_eps, args.central_noise, overrides, args.out, args.seed,
+                         jobs=args.jobs)
     except (ConfigError, DataError) as err:
         print(f"{PROG} grid: error: {err}", file=sys.stderr)
         return 2
