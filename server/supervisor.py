@@ -73,6 +73,7 @@ class Supervisor:
         self.env = env
         self.grace = grace
         self.procs: list[Proc] = []
+        self._hurry = False
 
     def start(self, name: str, argv: Sequence[str], pipe: bool = False) -> Proc:
         """Start ``argv`` in a new session, output to ``<log_dir>/<name>.log`` (or a pipe)."""
@@ -92,43 +93,53 @@ class Supervisor:
         for p in self.procs:
             p.refresh()
 
-    def stop(self, proc: Proc, grace: float | None = None) -> None:
-        """SIGTERM to the group and every known descendant, SIGKILL to what outlives ``grace``.
-        The leader is waited for through Popen (not psutil) so its exit code is kept."""
+    def stop(self, *procs: Proc, grace: float | None = None) -> None:
+        """SIGTERM to each process group and every known descendant, all at once; SIGKILL to
+        whatever outlives ``grace``. Leaders are polled through Popen (not psutil) so their exit
+        codes are kept."""
         grace = self.grace if grace is None else grace
-        proc.refresh()
-        others = [p for pid, p in proc.family.items() if pid != proc.pid and _running(p)]
-        # the group id is still ours while the leader is unreaped or a member lives
-        if proc.alive() or others:
-            _signal_group(proc.pid, signal.SIGTERM)
-        for p in others:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        deadline = time.monotonic() + grace
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.popen.wait(timeout=grace)
-        _, left = psutil.wait_procs(others, timeout=max(0.0, deadline - time.monotonic()))
-        if left or proc.alive():
-            log.warning("%s did not stop within %.1f s: killing %s", proc.name, grace,
-                        [p.pid for p in left] + ([proc.pid] if proc.alive() else []))
-            _signal_group(proc.pid, signal.SIGKILL)
-            for p in left:
+        plan = []
+        for proc in procs:
+            proc.refresh()
+            others = [p for pid, p in proc.family.items() if pid != proc.pid and _running(p)]
+            # the group id is still ours while the leader is unreaped or a member lives
+            if proc.alive() or others:
+                _signal_group(proc.pid, signal.SIGTERM)
+            for p in others:
                 with contextlib.suppress(psutil.Error):
-                    p.kill()
+                    p.terminate()
+            plan.append((proc, others))
+        deadline = time.monotonic() + grace
+        while (time.monotonic() < deadline and not self._hurry
+               and any(proc.alive() or any(map(_running, others)) for proc, others in plan)):
+            time.sleep(0.05)
+        for proc, others in plan:
+            left = [p for p in others if _running(p)]
+            if left or proc.alive():
+                log.warning("%s did not stop within %.1f s: killing %s", proc.name, grace,
+                            [p.pid for p in left] + ([proc.pid] if proc.alive() else []))
+                _signal_group(proc.pid, signal.SIGKILL)
+                for p in left:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
             psutil.wait_procs(left, timeout=5)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=5)
-        if proc.popen.stdout is not None:
-            proc.popen.stdout.close()
+            if proc.popen.stdout is not None:
+                proc.popen.stdout.close()
 
     def stop_all(self) -> None:
-        """Newest first (SuperNodes before the SuperLink they would otherwise retry against).
-        A second Ctrl-C while stopping only shortens the grace period."""
-        hurry = {"now": False}
-        with _deferred_signals(lambda: hurry.__setitem__("now", True)):
-            while self.procs:
-                proc = self.procs.pop()
-                self.stop(proc, grace=0.5 if hurry["now"] else None)
+        """Everything started after the first process together, then the first: the first is
+        the hub (the SuperLink) that the others (SuperNodes, ``flwr run``) would otherwise
+        keep retrying against. A second Ctrl-C while stopping skips the grace period."""
+        self._hurry = False
+        procs, self.procs = self.procs, []
+        with _deferred_signals(self._hurry_up):
+            self.stop(*reversed(procs[1:]))
+            self.stop(*procs[:1])
+
+    def _hurry_up(self) -> None:
+        self._hurry = True
 
     def __enter__(self) -> Supervisor:
         return self

@@ -88,6 +88,36 @@ def test_sigterm_ignoring_child_is_killed_after_grace(tmp_path, reaper):
     assert time.monotonic() - t0 < 8
 
 
+def test_stubborn_children_are_killed_together_not_one_after_another(tmp_path, reaper):
+    script = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              "print('ready', flush=True); time.sleep(60)")
+    sup = supervisor.Supervisor(tmp_path, grace=1.0)
+    procs = [sup.start(f"s{i}", [PY, "-c", script]) for i in range(4)]
+    reaper.extend(p.pid for p in procs)
+    assert _wait_for(lambda: all("ready" in p.log_path.read_text() for p in procs))
+    t0 = time.monotonic()
+    sup.stop_all()
+    assert all(_gone(p.pid) for p in procs)
+    assert time.monotonic() - t0 < 3.5      # two waves of 1 s grace, not four
+
+
+def test_first_process_is_stopped_after_the_others(tmp_path, reaper):
+    """SuperNodes must go before the SuperLink: a leaf checks on SIGTERM that the hub lives."""
+    with supervisor.Supervisor(tmp_path) as sup:
+        hub = sup.start("hub", ["sleep", "60"])
+        leaf_script = (f"import os, signal, sys, time\n"
+                       f"def bye(*_):\n"
+                       f"    try:\n        os.kill({hub.pid}, 0); print('hub alive', flush=True)\n"
+                       f"    except ProcessLookupError:\n        print('hub gone', flush=True)\n"
+                       f"    sys.exit(0)\n"
+                       f"signal.signal(signal.SIGTERM, bye); print('ready', flush=True); time.sleep(60)\n")
+        leaf = sup.start("leaf", [PY, "-c", leaf_script])
+        reaper.extend([hub.pid, leaf.pid])
+        assert _wait_for(lambda: "ready" in leaf.log_path.read_text())
+    assert "hub alive" in leaf.log_path.read_text()
+    assert _gone(hub.pid) and _gone(leaf.pid)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_raises_interrupted_and_stops_children(tmp_path, reaper, signum):
     previous = signal.getsignal(signum)
