@@ -1,0 +1,163 @@
+"""The Flower ``ClientApp``: decode a message, call fedmeta's :class:`ClientRunner`, encode.
+
+Which fedmeta client a node is comes from its ``node_config["partition-id"]``: the index
+into the federation's client list (training clients and held-out new clients alike), so
+e-commerce and social nodes train on their own silos.
+
+The experiment config travels *in every message* (``fedmeta.overrides``: the Hydra
+overrides as a JSON list), not in ``run_config`` or the environment, because that is the
+one channel every runtime carries (``run_simulation`` has no run config, real SuperNodes
+only see what the SuperLink forwards). The federation built from it is cached per process
+and keyed by the overrides: it is derived from config only. Anything a client must carry
+from round to round (its DP accountant) lives in ``Context.state``; it is also returned in
+every reply so the server can checkpoint it and hand it back to a node whose state was lost
+(a restarted simulation or SuperNode): the copy stamped with the later round wins.
+
+Test hook (kept out of fedmeta): ``node_config["fault"]`` or ``FEDMETA_INJECT_FAULTS``
+(``"client-id=raise,client-id=nan"``) makes a client's training raise, reply NaN, or reply
+a wrongly shaped tensor (``shape``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+from fedmeta.runtime.client import ClientRunner
+from fedmeta.runtime.federation import Federation, build_federation
+from fedmeta.runtime.hydra_config import compose
+from server.codec import ARRAYS, CONFIG, META, decode_state, encode_state, from_array_record, \
+    rows_to_records, update_to_content
+
+log = logging.getLogger(__name__)
+
+OVERRIDES = "fedmeta.overrides"     # JSON list of Hydra overrides
+EXPECTED = "fedmeta.client-id"      # the client the server believes this node is
+STATE, STATE_ROUND = "fedmeta.state", "fedmeta.state-round"
+CLIPPING = "fedmeta.clipping"       # "", "fixed" or "adaptive": which clipping mod applies
+STATE_KEY = "fedmeta"               # Context.state record
+FAULT_ENV = "FEDMETA_INJECT_FAULTS"
+CACHE_SIZE = 2                      # federations kept per process (sweeps change config)
+
+_federations: "OrderedDict[tuple[str, ...], Federation]" = OrderedDict()
+
+app = ClientApp()
+
+
+def federation_for(overrides: tuple[str, ...]) -> Federation:
+    fed = _federations.get(overrides)
+    if fed is None:
+        fed = build_federation(compose(list(overrides)))
+        _federations[overrides] = fed
+        while len(_federations) > CACHE_SIZE:
+            _federations.popitem(last=False)
+    _federations.move_to_end(overrides)
+    return fed
+
+
+def _overrides(config: ConfigRecord) -> tuple[str, ...]:
+    raw = json.loads(str(config.get(OVERRIDES, "[]")))
+    if not isinstance(raw, list):
+        raise ValueError(f"{OVERRIDES} must be a JSON list of Hydra overrides, got {raw!r}")
+    return tuple(str(o) for o in raw)
+
+
+def node_client(context: Context, fed: Federation) -> str:
+    """The fedmeta client id this node serves, from its partition id."""
+    if "partition-id" not in context.node_config:
+        raise ValueError("node_config has no 'partition-id' (which federation client this node is)")
+    pid = int(context.node_config["partition-id"])
+    if not 0 <= pid < len(fed.clients):
+        raise ValueError(f"node_config partition-id={pid} is out of range: the federation has "
+                         f"{len(fed.clients)} clients (0..{len(fed.clients) - 1})")
+    return fed.clients[pid].client_id
+
+
+def _setup(msg: Message, context: Context) -> tuple[Federation, str, ConfigRecord]:
+    config = msg.content[CONFIG]
+    fed = federation_for(_overrides(config))
+    cid = node_client(context, fed)
+    expected = str(config.get(EXPECTED, cid))
+    if expected != cid:
+        raise ValueError(f"the server sent client {expected!r}'s work to the node serving {cid!r}")
+    return fed, cid, config
+
+
+def _fault(context: Context, cid: str) -> str:
+    if "fault" in context.node_config:
+        return str(context.node_config["fault"])
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        name, _, kind = item.partition("=")
+        if name.strip() == cid:
+            return kind.strip()
+    return ""
+
+
+def _stored_state(context: Context, config: ConfigRecord) -> dict:
+    """This node's state, or the server's copy when that is newer (state lost in a restart)."""
+    mine = context.state.config_records.get(STATE_KEY)
+    mine_round = int(mine["round"]) if mine is not None else -1
+    theirs_round = int(config.get(STATE_ROUND, -1))
+    if theirs_round > mine_round:
+        return decode_state(str(config.get(STATE, "")))
+    return decode_state(str(mine["state"])) if mine is not None else {}
+
+
+def central_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's client-side clipping mods, applied only when the server asks for them."""
+    mode = msg.content[CONFIG].get(CLIPPING, "") if CONFIG in msg.content else ""
+    if mode == "fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if mode == "adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which client this node is: the server's map from node ids to fedmeta clients."""
+    fed = federation_for(_overrides(msg.content[CONFIG]))
+    cid = node_client(context, fed)
+    tasks = fed.client(cid)
+    info = ConfigRecord({"client-id": cid, "domain": tasks.catalog.domain,
+                         "new-client": bool(tasks.partition.new_client),
+                         "num-clients": len(fed.clients),
+                         "partition-id": int(context.node_config["partition-id"]),
+                         "num-partitions": int(context.node_config.get("num-partitions", -1))})
+    return Message(RecordDict({META: info}), reply_to=msg)
+
+
+@app.train(mods=[central_clipping_mod])
+def train(msg: Message, context: Context) -> Message:
+    fed, cid, config = _setup(msg, context)
+    fault = _fault(context, cid)
+    if fault == "raise":
+        raise RuntimeError(f"injected failure in client {cid}")
+    server_round = int(config["server-round"])
+    params = from_array_record(msg.content[ARRAYS], fed.device)
+    update, state = ClientRunner(fed, cid).train(params, server_round, _stored_state(context, config))
+    context.state[STATE_KEY] = ConfigRecord({"state": encode_state(state), "round": server_round})
+    if fault == "nan":
+        update.delta = {k: torch.full_like(v, float("nan")) for k, v in update.delta.items()}
+    elif fault == "shape":
+        name = next(iter(update.delta))
+        update.delta[name] = torch.zeros(3)
+    reply_params = params if fault != "shape" else {**params, name: torch.zeros(3)}
+    return Message(update_to_content(update, reply_params, cid, state), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    fed, cid, config = _setup(msg, context)
+    params = from_array_record(msg.content[ARRAYS], fed.device)
+    rows = ClientRunner(fed, cid).evaluate(params, int(config["server-round"]))
+    content = rows_to_records(rows)
+    content[META] = ConfigRecord({"client-id": cid})
+    return Message(content, reply_to=msg)
