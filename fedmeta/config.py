@@ -138,6 +138,7 @@ class AlgorithmConfig:
     inner_lr: float = 0.1         # alpha
     local_steps: int = 4          # client-side outer steps per round
     local_lr: float = 0.05        # client-side outer rate
+    local_optimizer: str = "adam"  # sgd | adam (fresh each round; applied to the privatised direction)
     users_per_step: int = 16      # tasks per client step (expected batch under DP)
     negatives: int = 64           # sampled negatives per user for the training loss
     server_optimizer: str = "sgd"  # sgd | adam
@@ -149,6 +150,7 @@ class AlgorithmConfig:
     def __post_init__(self):
         _choice("algorithm.name", self.name, ALGORITHMS)
         _choice("algorithm.server_optimizer", self.server_optimizer, {"sgd", "adam"})
+        _choice("algorithm.local_optimizer", self.local_optimizer, {"sgd", "adam"})
         _choice("algorithm.variant", self.variant, {"fo", "hf"})
         for key in ("inner_lr", "local_lr", "server_lr", "hf_delta"):
             _check(f"algorithm.{key}", getattr(self, key) > 0, "must be > 0", getattr(self, key))

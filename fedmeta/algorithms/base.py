@@ -69,7 +69,8 @@ class Algorithm:
                       step: Step | None = None, device: torch.device | None = None) -> ClientUpdate:
         step = step or Step()
         device = device or next(iter(params.values())).device
-        local = {k: v.detach().clone() for k, v in params.items()}
+        local = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        opt = local_optimizer(self.cfg, list(local.values()))
         losses = []
         for _ in range(self.cfg.local_steps):
             idx = step.sample(len(tasks.train), self.cfg.users_per_step, gen)
@@ -77,10 +78,13 @@ class Algorithm:
                                     gen, device)
             if len(idx):
                 with torch.no_grad():
-                    losses.append(float(self.objective.batch_loss(local, batch, "query").mean()))
-            direction = step.direction(self, local, batch)
-            local = {k: local[k] - self.cfg.local_lr * direction[k] for k in local}
-        delta = {k: params[k] - local[k] for k in params}
+                    detached = {k: v.detach() for k, v in local.items()}
+                    losses.append(float(self.objective.batch_loss(detached, batch, "query").mean()))
+            direction = step.direction(self, {k: v.detach() for k, v in local.items()}, batch)
+            for k, p in local.items():
+                p.grad = direction[k]
+            opt.step()
+        delta = {k: params[k] - local[k].detach() for k in params}
         metrics = {"train_query_loss": sum(losses) / len(losses) if losses else float("nan")}
         metrics.update(step.after_round())
         return ClientUpdate(delta, tasks.num_tasks, metrics)
@@ -91,6 +95,13 @@ class Algorithm:
         def one(p, user):
             return self.objective.adapt(p, user, steps, self.cfg.inner_lr, "support")
         return self.objective.per_user(one, params, batch)
+
+
+def local_optimizer(cfg: AlgorithmConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The client's outer optimiser; it only ever sees the (possibly privatised) direction."""
+    if cfg.local_optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.local_lr)
+    return torch.optim.SGD(params, lr=cfg.local_lr)
 
 
 class ServerOptimizer:

@@ -163,8 +163,10 @@ def eval_tasks(users: list[str], seqs: dict[str, list[int]], catalog: Catalog, m
         log.info("%s %s: %d users without support or unseen later items are not evaluated",
                  catalog.domain, label, skipped)
     # a trailing PAD target makes the last input position (the one that ranks) part of the row
-    rows = _rows([h + [catalog.pad] for h in kept], split, max_len, catalog)
-    return TaskTensors(names, *rows, targets, seen)
+    inputs, tgt, support, query, eval_pos = _rows([h + [catalog.pad] for h in kept], split,
+                                                  max_len, catalog)
+    query.zero_()   # evaluation targets are ranked, never trained on
+    return TaskTensors(names, inputs, tgt, support, query, eval_pos, targets, seen)
 
 
 def build_client_tasks(partition: ClientPartition, seqs: dict[str, list[int]], catalog: Catalog,
