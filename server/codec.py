@@ -18,7 +18,6 @@ Client state is small public bookkeeping (DP accountant histories), so JSON in a
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 
 import numpy as np

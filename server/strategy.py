@@ -50,9 +50,9 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
                                      DifferentialPrivacyServerSideFixedClipping, FedAvg)
 
 from fedmeta.algorithms.base import ClientUpdate
-from fedmeta.config import CentralDPConfig, ExperimentConfig
+from fedmeta.config import CentralDPConfig, ConfigError, ExperimentConfig
 from fedmeta.runtime.server import MetaServer, RoundOutcome, check_update, select_clients
-from server.codec import ARRAYS, CONFIG, META, METRICS, WEIGHT, CodecError, \
+from server.codec import ARRAYS, CONFIG, METRICS, WEIGHT, CodecError, \
     array_record_nbytes, content_client_id, content_to_update, encode_state, from_array_record, \
     records_to_rows, to_array_record
 
@@ -160,8 +160,13 @@ class CentralDP:
         else:
             cls = (DifferentialPrivacyServerSideAdaptiveClipping if dp.side == "server"
                    else DifferentialPrivacyClientSideAdaptiveClipping)
-            self.wrapper = cls(self.transport, dp.noise_multiplier, num_sampled,
-                               initial_clipping_norm=dp.clipping_norm)
+            try:
+                self.wrapper = cls(self.transport, dp.noise_multiplier, num_sampled,
+                                   initial_clipping_norm=dp.clipping_norm)
+            except ValueError as err:   # Flower's split of the noise between update and count
+                raise ConfigError(f"privacy.central.noise_multiplier: {dp.noise_multiplier} is too "
+                                  f"large for adaptive clipping with {num_sampled} sampled clients "
+                                  f"(needs < {num_sampled / 10:g}; Flower: {err})") from err
             if released_rounds:
                 self.wrapper.clipping_norm = float(released_rounds[-1]["clipping_norm"])
 

@@ -16,15 +16,20 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
-from flwr.serverapp import Grid
+from flwr.clientapp import ClientApp
+from flwr.serverapp import (GaussianPrivacyEvent, Grid, NeighboringRelation, PrivacyConfig,
+                            RdpAccountant, SamplingMethod)
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
-from clients.app import federation_for
+from clients.app import central_clipping_mod, federation_for
+from fedmeta.algorithms.base import ClientUpdate
 from fedmeta.runtime import inprocess
 from fedmeta.runtime.hydra_config import compose
+from fedmeta.runtime.server import MetaServer
 from server.app import run_server
-from server.codec import from_array_record, records_to_rows, to_array_record
+from server.codec import from_array_record, records_to_rows, to_array_record, update_to_content
+from server.strategy import ClientInfo, Directory, MetaStrategy
 
 TINY = ["data=synthetic_small", "model=tiny", "runtime.rounds=2", "algorithm.local_steps=1",
         "algorithm.users_per_step=4", "algorithm.negatives=8", "algorithm.inner_steps=1",
@@ -177,7 +182,7 @@ def test_client_app_refuses_work_meant_for_another_client_and_bad_partitions():
 
 # ---- ServerApp + ClientApp vs the in-process reference -----------------------------------
 def test_flower_apps_reproduce_the_inprocess_run(reference, flower):
-    ref, ref_rows, _ = reference[0], reference[1], None
+    ref, ref_rows = reference
     got, rows, out, grid = flower
     _close(ref["final_metrics"], got["final_metrics"])
     _close(ref["client_epsilon"], got["client_epsilon"])
@@ -226,3 +231,88 @@ def test_failing_and_nan_clients_are_dropped_and_counted(tmp_path):
     assert summary["failures_total"] == 3 and summary["rounds"][0]["accepted"] == [ids[4]]
     evaluated = pd.read_csv(tmp_path / "metrics.csv").query("phase == 'eval'")["client"]
     assert set(evaluated) == set(ids)                    # the run went on to evaluate everyone
+
+
+# ---- central DP inside the meta-strategy (stub clients with known updates) ----------------
+DELTAS = {"a": [3.0, 4.0, 0.0, 0.0], "b": [0.0, 0.0, 0.6, 0.8], "c": [0.3, 0.4, 0.0, 0.0],
+          "d": [0.0, 0.0, 0.0, 0.5]}
+TASKS = {"a": 1, "b": 10, "c": 100, "d": 5}
+CLIPPED_MEAN = [0.225, 0.3, 0.15, 0.325]      # each clipped to norm 1, then a *uniform* mean
+
+stub = ClientApp()
+
+
+@stub.train(mods=[central_clipping_mod])
+def _stub_train(msg, ctx):
+    cid = msg.content["config"]["fedmeta.client-id"]
+    if ctx.node_config.get("fault") == "raise":
+        raise RuntimeError("boom")
+    glob = from_array_record(msg.content["arrays"])
+    update = ClientUpdate({"w": torch.tensor(DELTAS[cid])}, TASKS[cid], {"loss": 1.0})
+    return Message(update_to_content(update, glob, cid, {}), reply_to=msg)
+
+
+def _dp_round(side, clipping, sigma, server_lr=0.5, faults=None):
+    cfg = compose(["privacy=central", f"privacy.central.side={side}",
+                   f"privacy.central.clipping={clipping}", f"privacy.central.noise_multiplier={sigma}",
+                   "privacy.central.clipping_norm=1.0", f"algorithm.server_lr={server_lr}"])
+    directory = Directory(num_clients=5)
+    for i, cid in enumerate(["a", "b", "c", "d", "new"]):
+        directory.clients[cid] = ClientInfo(cid, "toy", cid == "new", i)
+        directory.node_of[cid] = 100 + i
+    strategy = MetaStrategy(cfg, [], MetaServer(cfg, {"w": torch.zeros(4)}), directory)
+    grid = LoopbackGrid(stub, 5, faults)
+    msgs = list(strategy.configure_train(1, to_array_record(strategy.server.params),
+                                         ConfigRecord(), grid))
+    strategy.aggregate_train(1, grid.send_and_receive(msgs))
+    return strategy, msgs
+
+
+def _epsilon(sigma, rounds=1, n=4):
+    acc = RdpAccountant(PrivacyConfig(target_delta=1e-5, population_size=n,
+                                      neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                      sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    acc.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=n, population_size=n),
+                count=rounds)
+    return acc.get_privacy_spent().epsilon
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_central_dp_clips_averages_uniformly_then_applies_the_server_optimiser(side):
+    strategy, msgs = _dp_round(side, "fixed", 1e-6)
+    assert [m.metadata.dst_node_id for m in msgs] == [100, 101, 102, 103]   # never the new client
+    if side == "client":
+        assert all(m.content["config"]["clipping_norm"] == 1.0 for m in msgs)
+    expected = -0.5 * torch.tensor(CLIPPED_MEAN)     # server SGD, lr 0.5, on the noisy mean
+    assert torch.allclose(strategy.server.params["w"], expected, atol=1e-4)
+    assert strategy.log.central["released"] and strategy.central.in_wrapper
+
+
+def test_central_dp_noise_is_seeded_per_round_and_epsilon_comes_from_flowers_accountant():
+    one, _ = _dp_round("server", "fixed", 1.0)
+    two, _ = _dp_round("server", "fixed", 1.0)
+    assert torch.equal(one.server.params["w"], two.server.params["w"])
+    assert not torch.allclose(one.server.params["w"], -0.5 * torch.tensor(CLIPPED_MEAN), atol=1e-3)
+    assert one.log.central["epsilon"] == pytest.approx(_epsilon(1.0))
+    adaptive, _ = _dp_round("server", "adaptive", 0.3)   # no accountant in Flower's wrapper
+    assert not adaptive.central.in_wrapper
+    assert adaptive.log.central["epsilon"] == pytest.approx(_epsilon(0.3))
+    assert adaptive.central.epsilon_after(3) == pytest.approx(_epsilon(0.3, rounds=3))
+
+
+def test_central_dp_round_with_a_failed_client():
+    fixed, _ = _dp_round("server", "fixed", 1.0, faults={1: {"fault": "raise"}})
+    assert set(fixed.log.failures) == {"b"}
+    # Flower's accountant refuses a short round: nothing released, nothing spent
+    assert not fixed.log.central["released"] and torch.equal(fixed.server.params["w"], torch.zeros(4))
+    assert fixed.log.central["epsilon"] == 0.0
+    adaptive, _ = _dp_round("server", "adaptive", 0.3, faults={1: {"fault": "raise"}})
+    assert set(adaptive.log.failures) == {"b"} and adaptive.log.central["released"]
+    assert adaptive.log.central["participants"] == ["a", "c", "d"]
+
+
+def test_adaptive_clipping_noise_too_large_for_the_sample_is_a_config_error():
+    from fedmeta.config import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.central.noise_multiplier"):
+        _dp_round("server", "adaptive", 1.0)
