@@ -27,19 +27,26 @@ log = logging.getLogger(__name__)
 
 
 class ItemEncoder(nn.Module):
-    """Mean of an item's token embeddings, projected and normalised."""
+    """Mean of an item's token embeddings, projected and normalised, plus a scalar bias.
+
+    The bias lets the model express item popularity directly (score = h.v + b); without it,
+    popularity has to be smuggled into a direction every user's state agrees on, which a
+    few federated rounds rarely find. Output: (..., dim + 1), the bias last.
+    """
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
+        self.bias = nn.Linear(dim, 1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         emb = self.tokens(feats)
         mask = (feats != 0).unsqueeze(-1).to(emb.dtype)
         pooled = (emb * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
-        return self.norm(self.proj(pooled))
+        vec = self.norm(self.proj(pooled))
+        return torch.cat([vec, self.bias(pooled)], dim=-1)
 
 
 class SequenceRecommender(nn.Module):
@@ -57,13 +64,15 @@ class SequenceRecommender(nn.Module):
 
     def forward(self, seq_feats: torch.Tensor, attention_mask: torch.Tensor,
                 cand_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``seq_feats`` (B, L, F), ``cand_feats`` (B, C, F) -> hidden (B, L, d), candidates (B, C, d)."""
+        """``seq_feats`` (B, L, F), ``cand_feats`` (B, C, F) -> hidden (B, L, d+1) and candidates
+        (B, C, d+1), such that ``hidden . candidate`` is the score (the bias rides on a constant 1)."""
         batch, length = seq_feats.shape[:2]
         vecs = self.items(torch.cat([seq_feats, cand_feats], dim=1))
         positions = torch.arange(length, device=seq_feats.device).expand(batch, length)
-        hidden = self.backbone(inputs_embeds=vecs[:, :length], attention_mask=attention_mask,
+        hidden = self.backbone(inputs_embeds=vecs[:, :length, :-1], attention_mask=attention_mask,
                                position_ids=positions,
                                token_type_ids=torch.zeros_like(positions)).last_hidden_state
+        hidden = torch.cat([hidden, torch.ones_like(hidden[..., :1])], dim=-1)
         return hidden, vecs[:, length:]
 
     def encode_items(self, feats: torch.Tensor) -> torch.Tensor:
