@@ -243,3 +243,22 @@ def test_grid_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     width, height = struct.unpack(">II", png[16:24])
     assert width > 400 and height > 200
     assert "| local-eps-8 | 8.00 |" in printed and "| no-dp |" in printed
+
+
+def test_plan_output_has_no_dp_accounting_convergence_noise(capfd, caplog):
+    # at q=0.5 and sigma~7.3 dp_accounting drops several fractional orders, one warning each
+    assert cli.main(["plan", "--noise-multiplier", "7.32421875", "--delta", "0.0078125",
+                     "--rounds", "40", "--local-steps", "1", "--sample-rate", "0.5",
+                     "--verify"]) == 0
+    captured = capfd.readouterr()
+    assert "accountants agree | yes" in captured.out
+    assert "failed to converge" not in captured.out + captured.err
+    assert not [r for r in caplog.records if "failed to converge" in r.getMessage()]
+
+
+def test_run_directories_reach_hydra_intact():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parse = OverridesParser.create().parse_override
+    for path in ("/tmp/plain-1.5/x", "/tmp/with space/x", "/tmp/it's=odd/x"):
+        assert parse(f"hydra.run.dir={tradeoff.hydra_value(path)}").value() == path
