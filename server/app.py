@@ -4,7 +4,7 @@ It needs two things, both from ``run_config`` so it runs the same under ``run_si
 ``flwr run`` and real SuperLinks: ``overrides`` (Hydra overrides as one shell-quoted string;
 the experiment is composed from ``configs/`` exactly as ``fedmeta-simulate`` does) and
 ``output-dir`` (empty: the config's ``output_dir`` if set, else ``outputs/flwr/<date>/<time>``
-under the working directory). An
+under the ServerApp's working directory -- give an absolute path under ``flwr run``). An
 optional ``stop-after`` round ends the run early after its checkpoint (to exercise resume).
 
 The loop mirrors :func:`fedmeta.runtime.inprocess.run` step for step -- same client
@@ -13,9 +13,22 @@ runtimes give the same metrics for the same seed; Flower is only the transport. 
 server never loads client data: it builds the (seeded) model for the initial
 meta-parameters and learns who the clients are by asking the nodes (a ``query`` message:
 client id, domain, new-client flag). Nodes that appear later (a restarted SuperNode gets a
-new node id) are asked at the start of each round.
-"""
+new node id) are asked at the start of each round. Client states (DP accountants) come back
+in every training reply, go into the checkpoint, and are sent with each training message, so
+a node whose ``Context.state`` was lost continues from the server's copy.
 
+``flwr run .`` from the repository root uses the ``[tool.flwr.app]`` section of
+pyproject.toml and needs one SuperNode per federation client::
+
+    export PATH=/path/to/venv/bin:$PATH            # the SuperLink spawns flower-superexec by name
+    export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1   # else it tries to install torch & co
+    export FLWR_HOME=/some/dir FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1  # optional
+    flwr run . --stream --federation-config 'num-supernodes=10' \
+        --run-config 'overrides="runtime.rounds=2" output-dir="/abs/out"'
+
+The local SuperLink it starts keeps running afterwards: stop it by its PID
+(``pgrep -f flower-superlink``).
+"""
 from __future__ import annotations
 
 import json
@@ -83,7 +96,12 @@ def connect(grid: Grid, overrides: list[str], timeout: float,
             msgs = [Message(RecordDict({CONFIG: ConfigRecord({OVERRIDES: payload})}),
                             dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             for reply in grid.send_and_receive(msgs, timeout=timeout):
-                _register(directory, reply)
+                try:
+                    _register(directory, reply)
+                except RuntimeError as err:
+                    if wait:            # at start-up a misconfigured node is fatal
+                        raise
+                    log.warning("ignoring node %s: %s", reply.metadata.src_node_id, err)
         if directory.complete or not wait:
             return directory
         if time.time() > deadline:

@@ -98,6 +98,15 @@ def _close(a, b, path=""):
         assert a == pytest.approx(b, abs=1e-6), path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Like a Ray actor with num_cpus=1; keeps these tests fast on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("inprocess")

@@ -1,0 +1,77 @@
+"""``fedmeta-simulate`` as a user runs it: a real subprocess, Hydra, Ray, Flower's simulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+EXE = Path(sys.executable).with_name("fedmeta-simulate")
+TINY = ["data=synthetic_small", "model=tiny", "runtime.rounds=2", "algorithm.local_steps=1",
+        "algorithm.users_per_step=4", "algorithm.negatives=8", "algorithm.inner_steps=1",
+        "data.max_eval_users=2"]
+
+
+def _run(args, tmp_path, env=None, timeout=600):
+    return subprocess.run([str(EXE), *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("override, key", [("runtime.rounds=0", "runtime.rounds"),
+                                           ("privacy.central.side=both", "privacy.central.side"),
+                                           ("runtime.kind=deployment", "runtime.kind"),
+                                           ("runtime.num_cpus=4096", "runtime.num_cpus")])
+def test_invalid_config_fails_before_any_work_naming_the_key(tmp_path, override, key):
+    res = _run([override], tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert key in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_unknown_key_is_refused_by_hydra_with_its_name(tmp_path):
+    res = _run(["runtime.nope=1"], tmp_path, timeout=120)
+    assert res.returncode != 0 and "nope" in res.stderr and "Traceback" not in res.stderr
+
+
+def _leftovers(marker: str) -> list[psutil.Process]:
+    """Processes (Ray's raylet, GCS, workers...) that inherited this run's environment."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("FEDMETA_TEST_MARKER") == marker:
+                found.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_simulation_with_ray_writes_every_output_and_leaves_no_process(tmp_path):
+    marker = uuid.uuid4().hex
+    env = {"FEDMETA_TEST_MARKER": marker, "FEDMETA_INJECT_FAULTS": "social-0=raise"}
+    try:
+        res = _run(TINY, tmp_path, env=env)
+    finally:
+        left = _leftovers(marker)
+        for proc in left:
+            proc.kill()
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    assert not left, [p.pid for p in left]
+    out = tmp_path / "run"
+    assert "round 1/2" in res.stdout and "round 2/2" in res.stdout
+    assert (out / "metrics.csv").stat().st_size > 0
+    assert list((out / "plots").glob("*.png")) and (out / "checkpoint" / "state.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runtime"] == "flower" and summary["config"]["runtime"]["kind"] == "simulation"
+    # the raising client became an error reply through Ray, and was dropped and counted
+    assert summary["failures_total"] == 2
+    assert all("social-0" in r["failures"] for r in summary["rounds"])
+    assert all(len(r["accepted"]) == 3 and r["bytes_received"] > 0 for r in summary["rounds"])
+    assert {"ecommerce", "social"} <= set(summary["final_metrics"])
