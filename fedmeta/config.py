@@ -135,11 +135,11 @@ ALGORITHMS = {"fedavg", "reptile", "fomaml", "maml", "perfedavg"}
 class AlgorithmConfig:
     name: str = "fomaml"
     inner_steps: int = 3          # k adaptation steps on a user's support set
-    inner_lr: float = 0.1         # alpha
-    local_steps: int = 4          # client-side outer steps per round
-    local_lr: float = 0.05        # client-side outer rate
+    inner_lr: float = 0.02        # alpha (plain SGD; 0.1 already overshoots on the tiny model)
+    local_steps: int = 10         # client-side outer steps per round
+    local_lr: float = 0.01        # client-side outer rate
     local_optimizer: str = "adam"  # sgd | adam (fresh each round; applied to the privatised direction)
-    users_per_step: int = 16      # tasks per client step (expected batch under DP)
+    users_per_step: int = 32      # tasks per client step (expected batch under DP)
     negatives: int = 64           # sampled negatives per user for the training loss
     server_optimizer: str = "sgd"  # sgd | adam
     server_lr: float = 1.0        # beta
@@ -230,6 +230,7 @@ class RuntimeConfig:
     checkpoint_every: int = 1
     resume: bool = False
     plots: bool = True
+    threads: int = 0              # torch intra-op threads per process; 0 = torch's default
 
     def __post_init__(self):
         _choice("runtime.kind", self.kind, {"inprocess", "simulation", "deployment"})

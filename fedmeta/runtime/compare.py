@@ -40,34 +40,56 @@ def overall(table: pd.DataFrame) -> dict[tuple[str, str], float]:
     return {k: row["w"] / row["users"] for k, row in g.iterrows() if row["users"] > 0}
 
 
-def compare(methods: list[str], seeds: list[int], overrides: list[str], out: Path,
-            echo=print) -> pd.DataFrame:
-    records = []
-    for seed in seeds:
-        base = compose(["runtime=inprocess", f"seed={seed}", *overrides])
-        data = load_data(base)
-        for method in methods:
-            t0 = time.time()
-            if method == "popularity":
-                fed = build_federation(base, data)
-                from fedmeta.runtime.results import Recorder
+def run_one(method: str, seed: int, overrides: list[str], out: Path) -> dict:
+    """One (method, seed) cell; a process of its own when run with --jobs."""
+    t0 = time.time()
+    base = compose(["runtime=inprocess", f"seed={seed}", "runtime.plots=false", *overrides])
+    data = load_data(base)
+    if method == "popularity":
+        from fedmeta.runtime.results import Recorder
 
-                rec = Recorder()
-                rec.eval_rows([{**r, "round": 0} for r in popularity_rows(fed.clients, seed)])
-                table = domain_table(rec.frame())
-            else:
-                cfg = compose(["runtime=inprocess", f"seed={seed}", f"algorithm={method}",
-                               "runtime.plots=false", *overrides])
-                run_dir = out / method / f"seed{seed}"
-                run(cfg, run_dir, fed=build_federation(cfg, data), echo=lambda s: None)
-                table = domain_table(pd.read_csv(run_dir / "metrics.csv"))
-            vals = overall(table)
-            rec = {"method": method, "seed": seed, "seconds": time.time() - t0}
-            rec.update({f"{p}/{m}": vals.get((p, m), float("nan")) for p, m in REPORT})
-            records.append(rec)
-            echo(f"seed {seed} {method:<10} cold ndcg@10 {rec['cold/ndcg@10']:.4f} "
-                 f"hr@10 {rec['cold/hr@10']:.4f} ({rec['seconds']:.0f}s)")
-    frame = pd.DataFrame(records)
+        rec = Recorder()
+        rec.eval_rows([{**r, "round": 0} for r in popularity_rows(build_federation(base, data).clients,
+                                                                     seed)])
+        table = domain_table(rec.frame())
+    else:
+        cfg = compose(["runtime=inprocess", f"seed={seed}", f"algorithm={method}",
+                       "runtime.plots=false", *overrides])
+        run_dir = out / method / f"seed{seed}"
+        run(cfg, run_dir, fed=build_federation(cfg, data), echo=lambda s: None)
+        table = domain_table(pd.read_csv(run_dir / "metrics.csv"))
+    vals = overall(table)
+    rec = {"method": method, "seed": seed, "seconds": time.time() - t0}
+    rec.update({f"{p}/{m}": vals.get((p, m), float("nan")) for p, m in REPORT})
+    return rec
+
+
+def compare(methods: list[str], seeds: list[int], overrides: list[str], out: Path,
+            jobs: int = 1, echo=print) -> pd.DataFrame:
+    cells = [(m, s) for s in seeds for m in methods]
+    for m, s in cells[:1]:
+        compose(["runtime=inprocess", f"seed={s}", f"algorithm={m if m != 'popularity' else 'fedavg'}",
+                 *overrides])   # fail on a bad override before any work
+    records = []
+
+    def report(rec):
+        records.append(rec)
+        echo(f"seed {rec['seed']} {rec['method']:<10} cold ndcg@10 {rec['cold/ndcg@10']:.4f} "
+             f"hr@10 {rec['cold/hr@10']:.4f} ({rec['seconds']:.0f}s)")
+
+    if jobs <= 1:
+        for m, s in cells:
+            report(run_one(m, s, overrides, out))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threaded = [*overrides, "runtime.threads=1"]
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, m, s, threaded, out) for m, s in cells]
+            for fut in as_completed(futures):
+                report(fut.result())
+    frame = pd.DataFrame(records).sort_values(["method", "seed"]).reset_index(drop=True)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "compare_runs.csv", index=False)
     return frame
@@ -91,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="(method, seed) runs in parallel, one torch thread each")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=real_cross_domain")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -100,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        frame = compare(args.methods, args.seeds, args.overrides, args.out)
+        frame = compare(args.methods, args.seeds, args.overrides, args.out, args.jobs)
     except (ConfigError, DataError) as err:
         print(f"fedmeta-compare: {err}", file=sys.stderr)
         return 2

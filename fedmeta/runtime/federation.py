@@ -140,6 +140,8 @@ def build_federation(cfg: ExperimentConfig, data: InteractionData | None = None)
         clients.append(build_client_tasks(part, seqs[part.domain], catalogs[part.domain],
                                           d.max_len, d.support_fraction, d.n_test, d.k_shot,
                                           d.max_eval_users, seed=cfg.seed + i))
+    if cfg.runtime.threads > 0:   # oversubscribed CPUs make torch's default far slower than 1 thread
+        torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
     model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed).to(device)
     model.train()
