@@ -65,18 +65,29 @@ def parse_overrides(text: str) -> list[str]:
 
 
 def compose_config(overrides: list[str]) -> ExperimentConfig:
-    """:func:`compose`, also from inside a running Hydra main (``fedmeta-simulate`` runs the
-    ServerApp in a thread of its own Hydra job, whose global Hydra state is put back)."""
+    """:func:`compose`, also from inside a running Hydra job (``fedmeta-simulate`` runs the
+    ServerApp in a thread of its own job): Hydra's global state -- the initialised instance,
+    the job's HydraConfig and its runtime name -- is put back afterwards, or the next job of
+    a ``-m`` sweep would inherit the composed one."""
+    import copy
+
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import JobRuntime
 
     live = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     if live is None:
         return compose(overrides)
+    job_cfg = HydraConfig.instance().cfg
+    runtime = copy.deepcopy(JobRuntime.instance().conf)
     GlobalHydra.instance().clear()
     try:
         return compose(overrides)
     finally:
+        GlobalHydra.instance().clear()
         GlobalHydra.instance().initialize(live)
+        HydraConfig.instance().cfg = job_cfg
+        JobRuntime.instance().conf = runtime
 
 
 def default_output_dir() -> Path:

@@ -75,3 +75,30 @@ def test_simulation_with_ray_writes_every_output_and_leaves_no_process(tmp_path)
     assert all("social-0" in r["failures"] for r in summary["rounds"])
     assert all(len(r["accepted"]) == 3 and r["bytes_received"] > 0 for r in summary["rounds"])
     assert {"ecommerce", "social"} <= set(summary["final_metrics"])
+
+
+SWEEP_PROBE = """
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from fedmeta.runtime.hydra_config import config_dir, register
+from server.app import compose_config
+
+def task(raw):
+    cfg = compose_config([f"seed={raw.seed + 10}"])      # what the ServerApp thread does
+    print("JOB", HydraConfig.get().job.num, HydraConfig.get().job.name, cfg.seed, flush=True)
+
+register()
+hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(task)()
+"""
+
+
+def test_composing_inside_a_sweep_job_leaves_the_next_job_intact(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SWEEP_PROBE)
+    res = subprocess.run([sys.executable, str(script), "-m", "seed=0,1",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr[-2000:]
+    jobs = [line.split()[1:] for line in res.stdout.splitlines() if line.startswith("JOB")]
+    assert jobs == [["0", "probe", "10"], ["1", "probe", "11"]]
+    assert (tmp_path / "sweep" / "1" / "probe.log").exists()
