@@ -147,7 +147,7 @@ class CentralDP:
         self.transport = _Transport()
         self.accountant = self._new_accountant()
         for past in released_rounds or []:      # resume: replay what was released
-            if past.get("released"):
+            if past.get("released") and dp.noise_multiplier > 0:
                 self.accountant.compose(self._event())
         fixed = dp.clipping == "fixed"
         # Flower's wrapper keeps the accountant itself when its constraints hold
@@ -213,6 +213,8 @@ class CentralDP:
 
 
 class MetaStrategy(FedAvg):
+    """Seeded selection of training clients, fedmeta's reply checks and server step."""
+
     def __init__(self, cfg: ExperimentConfig, overrides: list[str], server: MetaServer,
                  directory: Directory, client_states: dict[str, dict] | None = None,
                  state_rounds: dict[str, int] | None = None, central_history: list[dict] | None = None):
@@ -228,7 +230,6 @@ class MetaStrategy(FedAvg):
                                               cfg.seed, 1))
         self.central = (CentralDP(cfg.privacy.central, self.num_sampled, population, central_history)
                         if cfg.privacy.central.enabled else None)
-        self._sent: dict[str, ArrayRecord] = {}
 
     # ---- helpers ---------------------------------------------------------------------------
     def _base_config(self, server_round: int, cid: str) -> dict:
@@ -242,7 +243,6 @@ class MetaStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.log = RoundLog()
         self._global = from_array_record(arrays)
-        self._arrays = arrays
         selected = select_clients(self.directory.training_ids, self.cfg.runtime.fraction_train,
                                   self.cfg.seed, server_round)
         self.log.sampled = selected
