@@ -1,0 +1,1 @@
+"""``fedmeta-bench``: performance and quality figures of fedmeta, written to BENCHMARKS.md."""

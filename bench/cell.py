@@ -1,0 +1,108 @@
+"""One measurement in a fresh interpreter: ``python -m bench.cell KIND JSON`` -> one JSON line.
+
+A fresh process per cell keeps peak RSS attributable to that cell alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import torch
+
+from bench.common import current_rss_mb, max_rss_mb, median_time
+
+
+def _compose(overrides: list[str]):
+    from fedmeta.runtime.hydra_config import compose
+
+    return compose(["runtime=inprocess", "runtime.device=cpu", "runtime.plots=false", *overrides])
+
+
+def dp_cell(spec: dict) -> dict:
+    """Time one FedAvg local step (plain mean gradient, or DP-SGD in one grad-sample mode)."""
+    from fedmeta.algorithms import Objective
+    from fedmeta.config import LocalDPConfig
+    from fedmeta.privacy.accounting import UserLevelAccountant
+    from fedmeta.privacy.local import PrivateStep
+    from fedmeta.runtime.federation import build_federation
+
+    torch.set_num_threads(1)
+    cfg = _compose(["data=synthetic_small", f"model={spec['size']}", "algorithm=fedavg",
+                    "data.max_eval_users=1"])
+    fed = build_federation(cfg)
+    client = fed.training_clients[0]
+    n = spec["users"]
+    idx = torch.arange(n) % len(client.train)
+    gen = torch.Generator().manual_seed(0)
+    batch = Objective.batch(client.train.subset(idx), client.catalog, cfg.algorithm.negatives,
+                            gen, fed.device)
+    params = fed.initial_parameters()
+    algo = fed.algorithm
+    mode = spec["mode"]
+    if mode == "plain":
+        def step():
+            algo.mean_update(params, batch)
+    else:
+        dp = LocalDPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0,
+                           grad_sample_mode=mode)
+        private = PrivateStep(dp, len(client.train), min(1.0, n / len(client.train)), 1.0,
+                              UserLevelAccountant("rdp", 1e-5), noise_seed=0)
+
+        def step():
+            private.direction(algo, params, batch)
+    rss_setup = current_rss_mb()
+    med, times = median_time(step, spec["repeats"], warmup=1)
+    return {"median_s": med, "times": times, "rss_setup_mb": rss_setup, "peak_rss_mb": max_rss_mb(),
+            "params": sum(v.numel() for v in params.values())}
+
+
+def scale_cell(spec: dict) -> dict:
+    """Data build + one training round over every client, fixed work per client."""
+    from fedmeta.data.synthetic import SyntheticConfig, scaled
+    from fedmeta.runtime.client import ClientRunner
+    from fedmeta.runtime.federation import build_federation, load_data
+
+    torch.set_num_threads(1)
+    syn = scaled(SyntheticConfig(), spec["interactions"])
+    half = spec["clients"] // 2
+    clients = ("[" + ",".join(f"{{domain:{d},n_clients:{half},new_clients:0,scheme:iid}}"
+                              for d in ("ecommerce", "social")) + "]")
+    cfg = _compose(["algorithm=fedavg", f"data.synthetic.ecommerce_users={syn.ecommerce_users}",
+                    f"data.synthetic.social_users={syn.social_users}", f"data.clients={clients}",
+                    "data.max_eval_users=1", "algorithm.local_steps=1",
+                    f"algorithm.users_per_step={spec['users_per_step']}"])
+    t0 = time.perf_counter()
+    data = load_data(cfg)
+    t_data = time.perf_counter() - t0
+    fed = build_federation(cfg, data)
+    t_build = time.perf_counter() - t0 - t_data
+    n_rows = len(data.interactions)
+    del data
+    rss_built = current_rss_mb()
+    params = fed.initial_parameters()
+    t1 = time.perf_counter()
+    for c in fed.training_clients:
+        ClientRunner(fed, c.client_id).train(params, 1, None)
+    t_round = time.perf_counter() - t1
+    largest = max(len(c.train) for c in fed.training_clients)
+    return {"interactions": n_rows, "clients": len(fed.training_clients), "data_s": t_data,
+            "build_s": t_build, "round_s": t_round, "rss_built_mb": rss_built,
+            "peak_rss_mb": max_rss_mb(), "largest_client_users": largest}
+
+
+CELLS = {"dp": dp_cell, "scale": scale_cell}
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING)
+    kind, spec = sys.argv[1], json.loads(sys.argv[2])
+    out = CELLS[kind](spec)
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

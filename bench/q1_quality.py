@@ -1,0 +1,71 @@
+"""Q1: ranking quality of popularity and the four learners, with and without local DP.
+
+Reuses ``fedmeta.runtime.compare.compare`` (same data, partitions and evaluation users per
+seed). Runs are reduced in cost (stated in the section); cells that do not fit the time budget
+are reported as not run, never estimated.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import table
+from fedmeta.runtime.compare import METHODS, compare
+
+log = logging.getLogger(__name__)
+
+REDUCED = ["runtime.rounds=3", "algorithm.local_steps=2", "data.max_eval_users=30"]
+QUICK = ["data=synthetic_small", "runtime.rounds=1", "algorithm.local_steps=1",
+         "data.max_eval_users=5", "algorithm.users_per_step=4"]
+DP = ["privacy=local", "privacy.local.target_epsilon=8"]
+COLS = [("cold", "ndcg@10"), ("cold", "hr@10"), ("warm", "ndcg@10"), ("warm", "hr@10")]
+
+
+def run(quick: bool, echo=print, budget_s: float = 3000.0) -> str:
+    datasets = [("synthetic", [])] if quick else [("synthetic", []),
+                                                  ("real_cross_domain", ["data=real_cross_domain"])]
+    seeds = [0] if quick else [0, 1, 2]
+    methods = ["popularity", "fedavg"] if quick else METHODS
+    base = QUICK if quick else REDUCED
+    deadline = time.time() + budget_s
+    rows = []
+    for name, data in datasets:
+        for dp_name, dp in (("none", []), ("local eps=8", DP)):
+            for method in methods:
+                if method == "popularity" and dp:
+                    continue   # no training, nothing to privatise
+                label = [name, dp_name, method]
+                if time.time() > deadline:
+                    rows.append(label + ["not run (time)"] * len(COLS) + [0])
+                    continue
+                try:
+                    with tempfile.TemporaryDirectory(prefix="bench-q1-") as tmp:
+                        frame = compare([method], seeds, [*base, *data, *dp], Path(tmp),
+                                        echo=lambda s: log.info("%s", s))
+                except Exception as err:   # a failing cell is reported, the grid goes on
+                    log.exception("Q1 cell %s failed", label)
+                    rows.append(label + [f"failed: {type(err).__name__}"] * len(COLS) + [0])
+                    continue
+                cells = []
+                for p, m in COLS:
+                    col = frame[f"{p}/{m}"]
+                    sd = float(col.std(ddof=1)) if len(col) > 1 else 0.0
+                    cells.append(f"{col.mean():.4f} ± {sd:.4f}")
+                rows.append(label + cells + [len(frame)])
+                echo(f"Q1 {' '.join(label)}: {cells[0]} ({frame['seconds'].sum():.0f}s)")
+    return "\n".join([
+        "## Q1 Quality",
+        "",
+        f"After-adaptation NDCG@10 / HR@10 (full-catalogue ranking), mean ± std over seeds "
+        f"{seeds} (the `seeds` column says how many finished), via `fedmeta.runtime.compare`. "
+        f"Reduced cost: `{' '.join(base)}` (otherwise the defaults); DP rows add "
+        f"`{' '.join(DP)}`. Popularity has no DP row (it trains nothing).",
+        "",
+        "```", f"fedmeta-bench --only Q1{' --quick' if quick else ''}", "```",
+        "",
+        table(["data", "privacy", "method", "cold NDCG@10", "cold HR@10", "warm NDCG@10",
+               "warm HR@10", "seeds"], rows),
+    ])
