@@ -12,6 +12,7 @@ def test_defaults_compose_and_validate():
     assert cfg.runtime.kind == "simulation"
     assert [c.domain for c in cfg.data.clients] == ["ecommerce", "social"]
     assert sum(c.n_clients - c.new_clients for c in cfg.data.clients) == 8
+    assert cfg.privacy.local.enabled and cfg.privacy.local.target_epsilon == 8.0
 
 
 @pytest.mark.parametrize("override, key", [

@@ -10,7 +10,7 @@ from fedmeta.runtime.federation import build_federation, load_data
 from fedmeta.runtime.hydra_config import compose
 from fedmeta.runtime.server import MetaServer
 
-BASE = ["runtime=inprocess", "data=synthetic_small", "data.synthetic.ecommerce_users=100",
+BASE = ["runtime=inprocess", "privacy=none", "data=synthetic_small", "data.synthetic.ecommerce_users=100",
         "data.synthetic.social_users=100", "algorithm.local_steps=3", "algorithm.users_per_step=12"]
 
 

@@ -14,6 +14,7 @@ from fedmeta.runtime.hydra_config import compose
 BASE = ["runtime=inprocess", "data=synthetic_small", "data.synthetic.ecommerce_users=60",
         "data.synthetic.social_users=60", "algorithm.local_steps=1", "algorithm.users_per_step=6",
         "runtime.rounds=3", "runtime.eval_every=1", "data.max_eval_users=6"]
+PLAIN = BASE + ["privacy=none"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def data():
 
 
 def test_outputs_are_written(tmp_path, data):
-    cfg = compose(BASE)
+    cfg = compose(PLAIN)
     summary = inprocess.run(cfg, tmp_path, fed=build_federation(cfg, data), echo=lambda s: None)
     frame = pd.read_csv(tmp_path / "metrics.csv")
     assert list(frame.columns) == ["round", "phase", "population", "stage", "domain", "client",
@@ -62,7 +63,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, data, privacy
 
 
 def test_failing_and_nan_clients_are_dropped_and_counted(tmp_path, data, monkeypatch):
-    cfg = compose(BASE)
+    cfg = compose(PLAIN)
     fed = build_federation(cfg, data)
     ids = [c.client_id for c in fed.training_clients]
     broken, poisoned = ids[0], ids[1]
