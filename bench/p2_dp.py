@@ -24,7 +24,7 @@ def minilm_available() -> bool:
 
 def run(quick: bool, echo=print) -> str:
     sizes = ["tiny"] if quick else ["tiny", "small", "minilm"]
-    users, repeats = (4, 2) if quick else (16, 5)
+    users, repeats = (4, 2) if quick else (16, 3)
     notes = []
     if "minilm" in sizes and not minilm_available():
         sizes.remove("minilm")
@@ -34,7 +34,7 @@ def run(quick: bool, echo=print) -> str:
         base = None
         for mode in MODES:
             r = run_cell("dp", {"size": size, "mode": mode, "users": users, "repeats": repeats},
-                         timeout=600)
+                         timeout=300)
             if "error" in r:
                 rows.append([size, mode, "n/a", "failed", "", "", r["error"]])
                 echo(f"P2 {size} {mode}: {r['error']}")

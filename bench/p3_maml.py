@@ -79,6 +79,6 @@ def run(quick: bool, echo=print) -> str:
                      "forward, two inner gradient steps and a second-order backward) is already "
                      "made of matrix products big enough to keep the core busy, so batching users "
                      "saves only the Python/dispatcher overhead per op; vmap also batches the "
-                     "double-backward through batched (not fused) kernels. The gain is larger on "
-                     "GPU, where the loop leaves the device mostly idle."]
+                     "double-backward through batched (not fused) kernels. No GPU here, "
+                     "so the GPU ratio is not measured."]
     return "\n".join(text)
