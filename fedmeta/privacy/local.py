@@ -55,6 +55,9 @@ class PrivateStep(Step):
                 raise ValueError(f"client sample rate changed across restarts ({saved['sample_rate']} "
                                  f"-> {q}); the saved privacy accounting would no longer hold")
         else:
+            if dp.delta is None and n_users < 2:
+                raise ValueError("privacy.local.delta: the default 1/users is 1 for a client with one "
+                                 "training user, which protects nothing; set privacy.local.delta")
             delta = dp.delta if dp.delta is not None else 1.0 / n_users
             accountant = UserLevelAccountant(dp.mechanism, delta, dp.target_epsilon)
             total = cfg.runtime.rounds * cfg.algorithm.local_steps

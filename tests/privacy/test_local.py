@@ -106,3 +106,12 @@ def test_budget_is_solved_once_and_survives_restart():
     # the planned run (3 rounds x 4 steps) fits the budget; one more round does not
     assert again.affordable(8)
     assert not again.affordable(8 + 40)
+
+
+def test_default_delta_is_refused_for_a_single_user_client():
+    cfg = ExperimentConfig()
+    cfg.privacy.local = LocalDPConfig(enabled=True, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="privacy.local.delta"):
+        PrivateStep.for_client(cfg, n_users=1, state={})
+    cfg.privacy.local = LocalDPConfig(enabled=True, noise_multiplier=1.0, delta=1e-5)
+    assert PrivateStep.for_client(cfg, n_users=1, state={}).accountant.delta == 1e-5
