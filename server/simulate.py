@@ -4,7 +4,10 @@
 Flower's simulation runtime with the Ray backend, one virtual SuperNode per federation client
 (training and held-out new clients alike), each with ``runtime.num_cpus`` / ``runtime.num_gpus``
 (fractions allowed); clients use CUDA when Ray gives them a GPU. ``runtime.kind=inprocess``
-runs the plain reference loop. Outputs go to the Hydra run directory (``-m`` sweeps: one
+runs the plain reference loop with as many torch threads as one simulated client gets
+(``runtime.num_cpus``, which Ray passes to its actors as ``OMP_NUM_THREADS``): torch's sums
+depend on the thread count, and with a matching count both runtimes give identical metrics
+for the same config and seed. Outputs go to the Hydra run directory (``-m`` sweeps: one
 sub-directory per job).
 
 The config is resolved and checked first: an invalid value exits with status 2 and a
@@ -98,8 +101,11 @@ def _job(raw) -> None:
     overrides = list(hc.overrides.task)
     try:
         if cfg.runtime.kind == "inprocess":
+            import torch
+
             from fedmeta.runtime.inprocess import run
 
+            torch.set_num_threads(max(1, int(cfg.runtime.num_cpus)))
             run(cfg, out_dir)
         else:
             simulate(cfg, overrides, out_dir, resources)

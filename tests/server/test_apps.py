@@ -226,7 +226,8 @@ def test_resume_after_a_restart_equals_the_uninterrupted_run(reference, tmp_path
 
 
 def test_failing_and_nan_clients_are_dropped_and_counted(tmp_path):
-    overrides = [o for o in TINY if not o.startswith("privacy")] + ["runtime.rounds=1"]
+    overrides = [o for o in TINY if not o.startswith("privacy")] + ["privacy=none",
+                                                                     "runtime.rounds=1"]
     faults = {0: {"fault": "raise"}, 3: {"fault": "nan"}, 1: {"fault": "shape"}}
     summary = run_server(LoopbackGrid(client_app, N_CLIENTS, faults),
                          {"overrides": " ".join(overrides), "output-dir": str(tmp_path)},

@@ -15,7 +15,8 @@ import pytest
 EXE = Path(sys.executable).with_name("fedmeta-simulate")
 TINY = ["data=synthetic_small", "model=tiny", "runtime.rounds=2", "algorithm.local_steps=1",
         "algorithm.users_per_step=4", "algorithm.negatives=8", "algorithm.inner_steps=1",
-        "data.max_eval_users=2"]
+        "data.max_eval_users=2", "privacy=local", "privacy.local.target_epsilon=null",
+        "privacy.local.noise_multiplier=1.0"]
 
 
 def _run(args, tmp_path, env=None, timeout=600):
@@ -75,6 +76,9 @@ def test_simulation_with_ray_writes_every_output_and_leaves_no_process(tmp_path)
     assert all("social-0" in r["failures"] for r in summary["rounds"])
     assert all(len(r["accepted"]) == 3 and r["bytes_received"] > 0 for r in summary["rounds"])
     assert {"ecommerce", "social"} <= set(summary["final_metrics"])
+    # DP accountant states travelled back from the Ray actors into the summary
+    assert set(summary["client_epsilon"]) == {"ecommerce-0", "ecommerce-1", "social-1"}
+    assert all(eps > 0 for eps in summary["client_epsilon"].values())
 
 
 SWEEP_PROBE = """
