@@ -13,6 +13,11 @@ from round to round (its DP accountant) lives in ``Context.state``; it is also r
 every reply so the server can checkpoint it and hand it back to a node whose state was lost
 (a restarted simulation or SuperNode): the copy stamped with the later round wins.
 
+The private item table (``model.private_item_embeddings``) is the exception: it never leaves
+the node. It lives in ``Context.state`` as an ``ArrayRecord`` stamped with its round and, when
+the node has a state directory (``node_config["state-dir"]`` or ``runtime.client_state_dir``),
+also on the node's own disk, so a restarted node resumes it exactly.
+
 Test hook (kept out of fedmeta): ``node_config["fault"]`` or ``FEDMETA_INJECT_FAULTS``
 (``"client-id=raise,client-id=nan"``) makes a client's training raise, reply NaN, or reply
 a wrongly shaped tensor (``shape``).
@@ -26,15 +31,16 @@ import os
 from collections import OrderedDict
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from fedmeta.runtime.client import ClientRunner
 from fedmeta.runtime.federation import Federation, build_federation
 from fedmeta.runtime.hydra_config import compose
+from fedmeta.runtime.private_store import PrivateStore
 from server.codec import ARRAYS, CONFIG, META, decode_state, encode_state, from_array_record, \
-    rows_to_records, update_to_content
+    rows_to_records, to_array_record, update_to_content
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ EXPECTED = "fedmeta.client-id"      # the client the server believes this node i
 STATE, STATE_ROUND = "fedmeta.state", "fedmeta.state-round"
 CLIPPING = "fedmeta.clipping"       # "", "fixed" or "adaptive": which clipping mod applies
 STATE_KEY = "fedmeta"               # Context.state record
+PRIVATE_KEY = "fedmeta.private"     # Context.state: the private item table (never sent)
+PRIVATE_ROUND = "fedmeta.private-round"
 FAULT_ENV = "FEDMETA_INJECT_FAULTS"
 CACHE_SIZE = 2                      # federations kept per process (sweeps change config)
 
@@ -110,6 +118,41 @@ def _stored_state(context: Context, config: ConfigRecord) -> dict:
     return decode_state(str(mine["state"])) if mine is not None else {}
 
 
+def _store(context: Context, fed: Federation, cid: str) -> PrivateStore | None:
+    root = str(context.node_config.get("state-dir", "") or fed.cfg.runtime.client_state_dir)
+    return PrivateStore(root, cid) if root else None
+
+
+def _load_private(context: Context, fed: Federation, cid: str, before_round: int,
+                  trained_before: bool = False) -> dict[str, torch.Tensor] | None:
+    """The newest private table from a round before ``before_round``: memory, else disk.
+
+    ``trained_before``: the server saw this client train, so a missing table was lost."""
+    rec = context.state.array_records.get(PRIVATE_KEY)
+    stamp = context.state.config_records.get(PRIVATE_ROUND)
+    if rec is not None and stamp is not None and int(stamp["round"]) < before_round:
+        return from_array_record(rec, fed.device)
+    store = _store(context, fed, cid)
+    found = store.load(before_round) if store is not None else None
+    if found is not None:
+        return {k: v.to(fed.device) for k, v in found[1].items()}
+    if fed.initial_private() and trained_before:
+        log.warning("client %s: no private item table from before round %d (node restarted "
+                    "without a state directory); it starts again from zero", cid, before_round)
+    return None
+
+
+def _keep_private(context: Context, fed: Federation, cid: str, server_round: int,
+                  private: dict[str, torch.Tensor]) -> None:
+    if not private:
+        return
+    context.state[PRIVATE_KEY] = to_array_record(private)
+    context.state[PRIVATE_ROUND] = ConfigRecord({"round": server_round})
+    store = _store(context, fed, cid)
+    if store is not None:
+        store.save(server_round, private)
+
+
 def central_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower's client-side clipping mods, applied only when the server asks for them."""
     mode = msg.content[CONFIG].get(CLIPPING, "") if CONFIG in msg.content else ""
@@ -142,8 +185,11 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected failure in client {cid}")
     server_round = int(config["server-round"])
     params = from_array_record(msg.content[ARRAYS], fed.device)
-    update, state = ClientRunner(fed, cid).train(params, server_round, _stored_state(context, config))
+    update, state = ClientRunner(fed, cid).train(params, server_round, _stored_state(context, config),
+                                                 _load_private(context, fed, cid, server_round,
+                                                               int(config.get(STATE_ROUND, -1)) > 0))
     context.state[STATE_KEY] = ConfigRecord({"state": encode_state(state), "round": server_round})
+    _keep_private(context, fed, cid, server_round, update.private)
     if fault == "nan":
         update.delta = {k: torch.full_like(v, float("nan")) for k, v in update.delta.items()}
     elif fault == "shape":
@@ -157,7 +203,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     fed, cid, config = _setup(msg, context)
     params = from_array_record(msg.content[ARRAYS], fed.device)
-    rows = ClientRunner(fed, cid).evaluate(params, int(config["server-round"]))
+    server_round = int(config["server-round"])
+    rows = ClientRunner(fed, cid).evaluate(params, server_round,
+                                           _load_private(context, fed, cid, server_round + 1))
     content = rows_to_records(rows)
     content[META] = ConfigRecord({"client-id": cid})
     return Message(content, reply_to=msg)

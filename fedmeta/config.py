@@ -231,6 +231,8 @@ class RuntimeConfig:
     resume: bool = False
     plots: bool = True
     threads: int = 0              # torch intra-op threads per process; 0 = torch's default
+    client_state_dir: str = ""    # where Flower clients keep private item tables on their own
+                                  # disk for restarts ("" = memory only, Context.state)
 
     def __post_init__(self):
         _choice("runtime.kind", self.kind, {"inprocess", "simulation", "deployment"})

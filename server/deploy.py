@@ -186,7 +186,9 @@ class Deployment:
                         name: str | None = None) -> Proc:
         argv = [str(self.bin / "flower-supernode"), "--superlink", self.address,
                 "--port", str(free_port()),
-                "--node-config", f"partition-id={index} num-partitions={n_nodes}"]
+                # state-dir: the node's own disk, where a private item table survives restarts
+                "--node-config", f"partition-id={index} num-partitions={n_nodes} "
+                                 f"state-dir=\"{self.workdir / 'nodes' / str(index)}\""]
         if self.insecure:
             argv.append("--insecure")
         else:

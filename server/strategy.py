@@ -51,6 +51,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
 
 from fedmeta.algorithms.base import ClientUpdate
 from fedmeta.config import CentralDPConfig, ConfigError, ExperimentConfig
+from fedmeta.privacy.local import charge_unconfirmed_round
 from fedmeta.runtime.server import MetaServer, RoundOutcome, check_update, select_clients
 from server.codec import ARRAYS, CONFIG, METRICS, WEIGHT, CodecError, \
     array_record_nbytes, content_client_id, content_to_update, encode_state, from_array_record, \
@@ -290,6 +291,12 @@ class MetaStrategy(FedAvg):
         for cid in self.log.sampled:
             if cid not in results:
                 results[cid] = TimeoutError("no reply within runtime.timeout")
+        if self.cfg.privacy.local.enabled:
+            for cid, res in results.items():
+                if isinstance(res, Exception):   # it may have spent budget all the same
+                    self.states[cid] = charge_unconfirmed_round(self.states.get(cid),
+                                                                self.cfg.algorithm.local_steps)
+                    self.state_rounds[cid] = server_round
         outcome = (self.server.aggregate(results) if self.central is None
                    else self._aggregate_private(server_round, results, kept))
         self.log.outcome = outcome

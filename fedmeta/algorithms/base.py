@@ -5,7 +5,8 @@ A round, from the client's side: starting from the global meta-parameters, take
 update direction per user (:meth:`Algorithm.user_updates` -- the only method a new
 algorithm must write), combines them through a :class:`Step` (a plain mean, or clipping and
 noise under DP: privacy wraps the step, algorithms never see it), and moves by ``local_lr``.
-The client sends ``global - local``, a pseudo-gradient. The server averages pseudo-gradients
+The client sends ``global - local``, a pseudo-gradient; its private parameters (a per-client
+item table, when the model has one) are trained by the same steps and kept, never sent. The server averages pseudo-gradients
 weighted by number of tasks and applies its optimiser (SGD with rate beta = FedAvg/FedOpt;
 Adam = FedAdam).
 """
@@ -26,6 +27,7 @@ class ClientUpdate:
     delta: Params                  # global - local: a descent direction for the server
     num_tasks: int
     metrics: dict[str, float] = field(default_factory=dict)
+    private: Params = field(default_factory=dict)   # stays on the client
 
 
 class Step:
@@ -66,10 +68,20 @@ class Algorithm:
         return {k: v.mean(0) for k, v in per_user.items()}
 
     def client_update(self, params: Params, tasks: ClientTasks, gen: torch.Generator,
-                      step: Step | None = None, device: torch.device | None = None) -> ClientUpdate:
+                      step: Step | None = None, device: torch.device | None = None,
+                      private: Params | None = None) -> ClientUpdate:
+        """``params``: the global meta-parameters; ``private``: this client's own tensors.
+
+        Both move together (one step, one clip under DP); only ``params`` go into the delta.
+        """
         step = step or Step()
         device = device or next(iter(params.values())).device
-        local = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        private = private or {}
+        if set(private) & set(params):
+            raise ValueError(f"private tensors {sorted(set(private) & set(params))[:3]} are also "
+                             "meta-parameters")
+        local = {k: torch.nn.Parameter(v.detach().clone())
+                 for k, v in {**params, **private}.items()}
         opt = local_optimizer(self.cfg, list(local.values()))
         losses = []
         for _ in range(self.cfg.local_steps):
@@ -87,7 +99,8 @@ class Algorithm:
         delta = {k: params[k] - local[k].detach() for k in params}
         metrics = {"train_query_loss": sum(losses) / len(losses) if losses else float("nan")}
         metrics.update(step.after_round())
-        return ClientUpdate(delta, tasks.num_tasks, metrics)
+        return ClientUpdate(delta, tasks.num_tasks, metrics,
+                            {k: local[k].detach().clone() for k in private})
 
     # ---- evaluation-time adaptation (shared by every algorithm) --------------------------
     def adapt_users(self, params: Params, batch, steps: int) -> Params:

@@ -86,3 +86,16 @@ def featurize_items(items: pd.DataFrame, featurizer, attribute_columns: list[str
         rows[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     rows[len(items) + 1, 0] = BOS_TOKEN
     return rows
+
+
+def with_item_ids(feats: torch.Tensor) -> torch.Tensor:
+    """Append the client-local item-ID column read by the private item table.
+
+    Row r (items, then PAD, then BOS) gets id r + 1; the PAD row gets 0, so padding never
+    touches the table. Ids are positions in the domain's catalogue, which every client of the
+    domain shares, but each client trains its own table.
+    """
+    n_rows = feats.shape[0]
+    ids = torch.arange(1, n_rows + 1, dtype=feats.dtype)
+    ids[n_rows - 2] = 0
+    return torch.cat([feats, ids.unsqueeze(1)], dim=1)

@@ -26,35 +26,56 @@ from fedmeta.config import MODEL_SIZES, ModelConfig
 log = logging.getLogger(__name__)
 
 
+PRIVATE_PREFIX = "items.private."   # parameters trained by a client and never sent
+
+
 class ItemEncoder(nn.Module):
     """Mean of an item's token embeddings, projected and normalised, plus a scalar bias.
 
     The bias lets the model express item popularity directly (score = h.v + b); without it,
     popularity has to be smuggled into a direction every user's state agrees on, which a
     few federated rounds rarely find. Output: (..., dim + 1), the bias last.
+
+    With ``private_rows`` > 0 the last feature column is a client-local item index (0 = none)
+    and a per-client ID table adds a vector and a bias to the shared encoding: what a client
+    learns about its own catalogue that attributes cannot say. The table starts at zero (so
+    a client without one sees exactly the shared model) and is never part of the
+    meta-parameters; under local DP it is clipped and noised with everything else.
     """
 
-    def __init__(self, vocab_size: int, dim: int):
+    def __init__(self, vocab_size: int, dim: int, private_rows: int = 0):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
         self.bias = nn.Linear(dim, 1)
+        self.private = None
+        if private_rows > 0:
+            # given weights: no draw from the global RNG, so every other weight is the same
+            # with or without a table (the server builds its model without one)
+            self.private = nn.Embedding(private_rows, dim + 1,
+                                        _weight=torch.zeros(private_rows, dim + 1))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        ids = None
+        if self.private is not None:
+            feats, ids = feats[..., :-1], feats[..., -1]
         emb = self.tokens(feats)
         mask = (feats != 0).unsqueeze(-1).to(emb.dtype)
         pooled = (emb * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
         vec = self.norm(self.proj(pooled))
-        return torch.cat([vec, self.bias(pooled)], dim=-1)
+        out = torch.cat([vec, self.bias(pooled)], dim=-1)
+        if ids is not None:
+            out = out + self.private(ids) * (ids > 0).unsqueeze(-1).to(out.dtype)
+        return out
 
 
 class SequenceRecommender(nn.Module):
     """Next-item prediction: hidden state at position t scores candidates for item t."""
 
-    def __init__(self, bert_config: BertConfig, vocab_size: int):
+    def __init__(self, bert_config: BertConfig, vocab_size: int, private_rows: int = 0):
         super().__init__()
-        self.items = ItemEncoder(vocab_size, bert_config.hidden_size)
+        self.items = ItemEncoder(vocab_size, bert_config.hidden_size, private_rows)
         self.backbone = BertModel(bert_config, add_pooling_layer=False)
         self.backbone.embeddings.word_embeddings.weight.requires_grad_(False)
 
@@ -95,11 +116,16 @@ def minilm_dir() -> Path:
     return packaged_path("minilm")
 
 
-def build_model(cfg: ModelConfig, max_len: int, seed: int = 0) -> SequenceRecommender:
-    """Same seed -> same weights on every process, so frozen parts agree across the federation."""
+def build_model(cfg: ModelConfig, max_len: int, seed: int = 0,
+                private_rows: int = 0) -> SequenceRecommender:
+    """Same seed -> same weights on every process, so frozen parts agree across the federation.
+
+    ``private_rows``: size of the per-client item-ID table (0 = none); the federation sets it
+    from its largest catalogue when ``model.private_item_embeddings`` is on.
+    """
     torch.manual_seed(seed)
     vocab = MODEL_SIZES[cfg.size][4]
-    model = SequenceRecommender(bert_config(cfg, max_len), vocab)
+    model = SequenceRecommender(bert_config(cfg, max_len), vocab, private_rows)
     if cfg.pretrained == "minilm":
         _load_minilm(model, max_len)
     if cfg.lora.enabled:
@@ -142,4 +168,11 @@ def _with_lora(model: SequenceRecommender, cfg: ModelConfig) -> SequenceRecommen
 
 def meta_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that are meta-learned, shared and (under DP) privatised."""
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return {k: v.detach().clone() for k, v in model.named_parameters()
+            if v.requires_grad and not k.startswith(PRIVATE_PREFIX)}
+
+
+def private_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A client's own trainable parameters at their initial value (empty without a table)."""
+    return {k: v.detach().clone() for k, v in model.named_parameters()
+            if v.requires_grad and k.startswith(PRIVATE_PREFIX)}

@@ -29,6 +29,33 @@ from fedmeta.privacy.planning import noise_for_budget
 
 log = logging.getLogger(__name__)
 
+UNCONFIRMED = "unconfirmed_rounds"   # rounds charged by the server before sigma was known
+
+
+def charge_unconfirmed_round(state: dict | None, local_steps: int) -> dict:
+    """The server's copy of a client's state after a round whose reply never came.
+
+    The client may still have trained (a reply that arrived after the timeout, a failure
+    after the steps): its own accountant then moved on, but a node that later restarts
+    without its ``Context.state`` would be handed the server's older copy and report a
+    smaller epsilon than it spent. So the copy is charged the round the client would have
+    taken -- exactly the client's own rule: ``local_steps`` steps if they fit its budget,
+    none otherwise. Before the client's first reply the server does not know its noise, so
+    it counts the round and the client charges it when it builds its accountant.
+    """
+    state = dict(state or {})
+    saved = state.get("dp")
+    if saved is None:
+        state[UNCONFIRMED] = int(state.get(UNCONFIRMED, 0)) + 1
+        return state
+    acc = UserLevelAccountant.from_state_dict(saved["accountant"])
+    sigma, q = float(saved["noise_multiplier"]), float(saved["sample_rate"])
+    if acc.can_afford(sigma, q, local_steps):
+        acc.step(sigma, q, local_steps)
+    state["dp"] = {**saved, "accountant": acc.state_dict()}
+    state["epsilon"] = acc.epsilon()
+    return state
+
 
 class PrivateStep(Step):
     def __init__(self, dp: LocalDPConfig, n_users: int, sample_rate: float, noise_multiplier: float,
@@ -65,6 +92,13 @@ class PrivateStep(Step):
                      else noise_for_budget(dp.target_epsilon, delta, q, total, dp.mechanism))
             log.info("local DP: n_users=%d q=%.4f delta=%.2e sigma=%.4f C=%.3g over %d planned steps",
                      n_users, q, delta, sigma, dp.max_grad_norm, total)
+        pending = int(state.get(UNCONFIRMED, 0))
+        for _ in range(pending):     # rounds the server could not confirm: assume spent
+            if accountant.can_afford(sigma, q, cfg.algorithm.local_steps):
+                accountant.step(sigma, q, cfg.algorithm.local_steps)
+        if pending:
+            log.warning("local DP: charged %d unconfirmed round(s) to this client's accountant "
+                        "(epsilon now %.4g)", pending, accountant.epsilon())
         # noise stream keyed by steps already taken: a resumed run draws what an uninterrupted one would
         taken = sum(int(h[2]) for h in accountant.state_dict()["history"])
         seed = (cfg.seed * 1_000_003 + n_users * 7919 + taken) % (2**63)

@@ -15,8 +15,9 @@ from fedmeta.config import MODEL_SIZES, ConfigError, ExperimentConfig
 from fedmeta.data.partition import ClientPartition, partition_domain
 from fedmeta.data.schema import DataError, InteractionData, filter_min_interactions, validate
 from fedmeta.data.tasks import Catalog, ClientTasks, build_client_tasks, user_sequences
-from fedmeta.model.features import HashFeaturizer, TokenizerFeaturizer, featurize_items
-from fedmeta.model.recommender import SequenceRecommender, build_model, meta_parameters, minilm_dir
+from fedmeta.model.features import HashFeaturizer, TokenizerFeaturizer, featurize_items, with_item_ids
+from fedmeta.model.recommender import (SequenceRecommender, build_model, meta_parameters, minilm_dir,
+                                      private_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ class Federation:
     def initial_parameters(self) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in meta_parameters(self.model).items()}
 
+    def initial_private(self) -> dict[str, torch.Tensor]:
+        """A client's private item table before it trains (empty when the model has none)."""
+        return {k: v.to(self.device) for k, v in private_parameters(self.model).items()}
+
     def client(self, client_id: str) -> ClientTasks:
         for c in self.clients:
             if c.client_id == client_id:
@@ -132,6 +137,8 @@ def build_federation(cfg: ExperimentConfig, data: InteractionData | None = None)
         dom = data.domain(domain)
         items = dom.items.sort_values("item", kind="stable").reset_index(drop=True)
         feats = featurize_items(items, featurizer, dom.attribute_columns)
+        if cfg.model.private_item_embeddings:
+            feats = with_item_ids(feats)
         catalogs[domain] = Catalog(domain, items["item"].tolist(), feats)
         seqs[domain] = user_sequences(dom.interactions, catalogs[domain])
     clients = []
@@ -143,11 +150,16 @@ def build_federation(cfg: ExperimentConfig, data: InteractionData | None = None)
     if cfg.runtime.threads > 0:   # oversubscribed CPUs make torch's default far slower than 1 thread
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
-    model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed).to(device)
+    private_rows = (max(c.n_items for c in catalogs.values()) + 3
+                    if cfg.model.private_item_embeddings else 0)   # items, PAD, BOS, id 0
+    model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed,
+                        private_rows=private_rows).to(device)
     model.train()
     algorithm = build_algorithm(cfg.algorithm, Objective(model))
     log.info("federation: %d clients (%d training), %d catalogue items, model %s with %d "
-             "meta-parameters on %s", len(clients), sum(not c.partition.new_client for c in clients),
+             "meta-parameters (+%d private per client) on %s", len(clients),
+             sum(not c.partition.new_client for c in clients),
              sum(c.n_items for c in catalogs.values()), cfg.model.size,
-             sum(p.numel() for p in model.parameters() if p.requires_grad), device)
+             sum(p.numel() for p in meta_parameters(model).values()),
+             sum(p.numel() for p in private_parameters(model).values()), device)
     return Federation(cfg, clients, model, algorithm, device)

@@ -39,6 +39,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, fed: Federation | None = Non
     fed = fed or build_federation(cfg)
     server = MetaServer(cfg, fed.initial_parameters())
     recorder, states, start = Recorder(), {}, 1
+    private: dict[str, dict[str, torch.Tensor]] = {}   # client-side only: never aggregated
     ckpt_dir = out_dir / "checkpoint"
     if cfg.runtime.resume and checkpoint.exists(ckpt_dir):
         ck = checkpoint.load(ckpt_dir)
@@ -46,6 +47,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, fed: Federation | None = Non
                                          ck["optimizer"])
         torch.set_rng_state(ck["torch_rng"])
         states, recorder.rows, recorder.rounds = ck["client_states"], ck["rows"], ck["rounds"]
+        private = {cid: {k: v.to(fed.device) for k, v in t.items()}
+                   for cid, t in ck["client_private"].items()}
         start = ck["round"] + 1
         echo(f"resuming from round {ck['round']} ({ckpt_dir})")
     runners = {c.client_id: ClientRunner(fed, c.client_id) for c in fed.clients}
@@ -56,7 +59,10 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, fed: Federation | None = Non
         replies = {}
         for cid in select_clients(train_ids, cfg.runtime.fraction_train, cfg.seed, rnd):
             try:
-                replies[cid], states[cid] = runners[cid].train(params, rnd, states.get(cid))
+                replies[cid], states[cid] = runners[cid].train(params, rnd, states.get(cid),
+                                                               private.get(cid))
+                if replies[cid].private:
+                    private[cid] = replies[cid].private
             except Exception as err:  # a failing client is dropped, not fatal
                 log.exception("client %s failed in round %d", cid, rnd)
                 replies[cid] = err
@@ -66,7 +72,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, fed: Federation | None = Non
                 recorder.train_rows(rnd, cid, runners[cid].tasks.catalog.domain, reply.metrics)
         if is_eval_round(cfg, rnd):
             for runner in runners.values():
-                recorder.eval_rows(runner.evaluate(outcome.params, rnd))
+                recorder.eval_rows(runner.evaluate(outcome.params, rnd,
+                                                   private.get(runner.client_id)))
         seconds = time.time() - t0
         recorder.rounds.append({"round": rnd, "seconds": seconds,
                                 "bytes_sent": nbytes(params) * len(replies),
@@ -78,7 +85,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, fed: Federation | None = Non
                            len(outcome.accepted), len(outcome.failures)))
         if rnd % cfg.runtime.checkpoint_every == 0 or rnd == cfg.runtime.rounds:
             checkpoint.save(ckpt_dir, rnd, outcome.params, server.optimizer.state_dict(), states,
-                            recorder.rows, recorder.rounds, cfg)
+                            recorder.rows, recorder.rounds, cfg, client_private=private)
         if stop_after is not None and rnd >= stop_after:
             return {"stopped_at": rnd}
     return write_outputs(out_dir, cfg, recorder, states, {"runtime": "inprocess"})

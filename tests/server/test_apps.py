@@ -8,6 +8,7 @@ the ServerApp's loop, the meta-strategy and the ClientApp run unchanged. A new g
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import time
 import uuid
@@ -326,3 +327,60 @@ def test_adaptive_clipping_noise_too_large_for_the_sample_is_a_config_error():
 
     with pytest.raises(ConfigError, match="privacy.central.noise_multiplier"):
         _dp_round("server", "adaptive", 1.0)
+
+
+# ---- private item tables: Context.state and the node's own disk, never the wire -----------
+def test_private_tables_stay_on_the_nodes_and_survive_a_restart_from_their_disk(tmp_path):
+    over = TINY + ["model.private_item_embeddings=true",
+                   f"runtime.client_state_dir={tmp_path / 'nodes'}"]
+    ref = inprocess.run(compose(over), tmp_path / "ref", echo=lambda line: None)
+    grid = LoopbackGrid(client_app, N_CLIENTS)
+    got = run_server(grid, {"overrides": " ".join(over), "output-dir": str(tmp_path / "flower")},
+                     echo=lambda line: None)
+    _close(ref["final_metrics"], got["final_metrics"])
+    trained = [c for c in grid.ctx.values() if "fedmeta.private" in c.state.array_records]
+    assert len(trained) == 4                             # every training node, no new client
+    assert all(c.state["fedmeta.private-round"]["round"] == 2 for c in trained)
+    assert not (tmp_path / "flower" / "checkpoint" / "client_private.safetensors").exists()
+    assert got["rounds"][0]["bytes_received"] == got["rounds"][0]["bytes_sent"]  # meta only
+
+    out = str(tmp_path / "cut")
+    shutil.rmtree(tmp_path / "nodes")
+    run_server(LoopbackGrid(client_app, N_CLIENTS),
+               {"overrides": " ".join(over), "output-dir": out, "stop-after": 1},
+               echo=lambda line: None)
+    fresh = LoopbackGrid(client_app, N_CLIENTS)          # restarted nodes: tables only on disk
+    resumed = run_server(fresh, {"overrides": " ".join(over + ["runtime.resume=true"]),
+                                 "output-dir": out}, echo=lambda line: None)
+    _close(ref["final_metrics"], resumed["final_metrics"])
+
+
+class LateReplyGrid(LoopbackGrid):
+    """Node ``late`` trains in round 1 but its reply never reaches the server (the round timed
+    out), and the node then restarts, losing its Context.state."""
+
+    def __init__(self, *args, late: int, **kw):
+        super().__init__(*args, **kw)
+        self.late, self.train_calls = late, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.train_calls += 1
+            if self.train_calls == 1:
+                self.ctx[self.late].state = RecordDict()
+                return [r for m, r in zip(messages, replies) if m.metadata.dst_node_id != self.late]
+        return replies
+
+
+def test_a_timed_out_dp_client_is_charged_the_round_it_may_have_spent(reference, tmp_path):
+    grid = LateReplyGrid(client_app, N_CLIENTS, late=100)
+    got = run_server(grid, {"overrides": " ".join(TINY), "output-dir": str(tmp_path)},
+                     echo=lambda line: None)
+    cid = federation_for(tuple(TINY)).clients[0].client_id
+    assert "TimeoutError" in got["rounds"][0]["failures"][cid]
+    # it really trained both rounds; after its restart the server's charged copy made it
+    # account for both, so it reports what it spent, not one round's epsilon
+    assert got["client_epsilon"][cid] == pytest.approx(reference[0]["client_epsilon"][cid],
+                                                       rel=1e-9)
