@@ -70,7 +70,8 @@ def scale_cell(spec: dict) -> dict:
     half = spec["clients"] // 2
     clients = ("[" + ",".join(f"{{domain:{d},n_clients:{half},new_clients:0,scheme:iid}}"
                               for d in ("ecommerce", "social")) + "]")
-    cfg = _compose(["algorithm=fedavg", f"data.synthetic.ecommerce_users={syn.ecommerce_users}",
+    cfg = _compose(["algorithm=fedavg", "privacy=none",   # the work, not the one-off noise solve
+                    f"data.synthetic.ecommerce_users={syn.ecommerce_users}",
                     f"data.synthetic.social_users={syn.social_users}", f"data.clients={clients}",
                     "data.max_eval_users=1", "algorithm.local_steps=1",
                     f"algorithm.users_per_step={spec['users_per_step']}"])

@@ -54,15 +54,16 @@ def run(quick: bool, echo=print) -> str:
                        f"{r0['peak_rss_mb']:.0f} -> {r1['peak_rss_mb']:.0f} MB and the round "
                        f"{r0['round_s']:.2f} -> {r1['round_s']:.2f} s. Memory is *not* bounded by "
                        "the largest client: one process holds the whole data set and every "
-                       "client's tasks (the in-process runtime builds all clients up front); under "
-                       "Flower each SuperNode builds only its own client, which is where the bound "
-                       "would come from.")
+                       "client's tasks (the in-process runtime builds all clients up front), and a "
+                       "Flower SuperNode does the same today (it rebuilds the whole federation "
+                       "from config and keeps only its own client's work); building only the "
+                       "node's own partition is what would give the bound.")
     return "\n".join([
         "## P4 Scale",
         "",
         "One fresh process per cell: `scaled` synthetic data (both domains), federation build, "
-        "then one training round over all clients (FedAvg, 1 local step of 8 users each, tiny "
-        "model, one thread). Build time includes data generation.",
+        "then one training round over all clients (FedAvg without DP, 1 local step of 8 users "
+        "each, tiny model, one thread). Build time includes data generation.",
         "",
         "```", "fedmeta-bench --only P4", "```",
         "",
