@@ -6,9 +6,9 @@ update direction per user (:meth:`Algorithm.user_updates` -- the only method a n
 algorithm must write), combines them through a :class:`Step` (a plain mean, or clipping and
 noise under DP: privacy wraps the step, algorithms never see it), and moves by ``local_lr``.
 The client sends ``global - local``, a pseudo-gradient; its private parameters (a per-client
-item table, when the model has one) are trained by the same steps and kept, never sent. The server averages pseudo-gradients
-weighted by number of tasks and applies its optimiser (SGD with rate beta = FedAvg/FedOpt;
-Adam = FedAdam).
+item table, when the model has one) are trained by the same steps and kept, never sent. The
+server averages pseudo-gradients weighted by number of tasks and applies its optimiser (SGD
+with rate beta = FedAvg/FedOpt; Adam = FedAdam).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The torch.func meta-gradients are the true gradients of the meta-objective."""
 
 import torch
-from torch.func import grad
 
 from fedmeta.algorithms import FOMAML, MAML, Objective, PerFedAvg
 from fedmeta.algorithms.objective import Objective as Obj

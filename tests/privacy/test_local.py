@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from fedmeta.algorithms import FOMAML, MAML, FedAvg, Objective, Reptile
-from fedmeta.algorithms.base import Step
 from fedmeta.config import ExperimentConfig, LocalDPConfig
 from fedmeta.privacy.accounting import UserLevelAccountant
 from fedmeta.privacy.local import PrivateStep
