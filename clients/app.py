@@ -11,7 +11,7 @@ only see what the SuperLink forwards). The federation built from it is cached pe
 and keyed by the overrides: it is derived from config only. Anything a client must carry
 from round to round (its DP accountant) lives in ``Context.state``; it is also returned in
 every reply so the server can checkpoint it and hand it back to a node whose state was lost
-(a restarted simulation or SuperNode): the copy stamped with the later round wins.
+(a restarted simulation or SuperNode); a node that kept its own state uses its own.
 
 The private item table (``model.private_item_embeddings``) is the exception: it never leaves
 the node. It lives in ``Context.state`` as an ``ArrayRecord`` stamped with its round and, when
@@ -29,6 +29,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -51,6 +52,8 @@ CLIPPING = "fedmeta.clipping"       # "", "fixed" or "adaptive": which clipping 
 STATE_KEY = "fedmeta"               # Context.state record
 PRIVATE_KEY = "fedmeta.private"     # Context.state: the private item table (never sent)
 PRIVATE_ROUND = "fedmeta.private-round"
+RUN_KEY = "fedmeta.run-key"         # names the run's sub-directory of a node's state dir
+STATE_DIR_HINT = "fedmeta.state-dir"  # simulation: where nodes may keep private tables
 FAULT_ENV = "FEDMETA_INJECT_FAULTS"
 CACHE_SIZE = 2                      # federations kept per process (sweeps change config)
 
@@ -109,22 +112,33 @@ def _fault(context: Context, cid: str) -> str:
 
 
 def _stored_state(context: Context, config: ConfigRecord) -> dict:
-    """This node's state, or the server's copy when that is newer (state lost in a restart)."""
+    """This node's own state, else the server's copy (the node lost its state in a restart).
+
+    A node's own state is never older than what it told the server; the server's copy can
+    only be *more* charged (rounds it could not confirm), which a node that kept its state
+    knows better than the server."""
     mine = context.state.config_records.get(STATE_KEY)
-    mine_round = int(mine["round"]) if mine is not None else -1
-    theirs_round = int(config.get(STATE_ROUND, -1))
-    if theirs_round > mine_round:
-        return decode_state(str(config.get(STATE, "")))
-    return decode_state(str(mine["state"])) if mine is not None else {}
+    if mine is not None:
+        return decode_state(str(mine["state"]))
+    return decode_state(str(config.get(STATE, "")))
 
 
-def _store(context: Context, fed: Federation, cid: str) -> PrivateStore | None:
-    root = str(context.node_config.get("state-dir", "") or fed.cfg.runtime.client_state_dir)
-    return PrivateStore(root, cid) if root else None
+def _store(context: Context, fed: Federation, cid: str, config: ConfigRecord
+           ) -> PrivateStore | None:
+    """The node's disk store: its own ``state-dir``, else ``runtime.client_state_dir``, else
+    (simulation: nodes share the server's machine) the directory the server suggests; one
+    sub-directory per run, so a later experiment never picks up an earlier one's tables."""
+    root = str(context.node_config.get("state-dir", "") or fed.cfg.runtime.client_state_dir
+               or config.get(STATE_DIR_HINT, ""))
+    if not root:
+        return None
+    run = str(config.get(RUN_KEY, "")) or "run"
+    return PrivateStore(Path(root) / run, cid, keep=fed.cfg.runtime.checkpoint_every + 1)
 
 
-def _load_private(context: Context, fed: Federation, cid: str, before_round: int,
-                  trained_before: bool = False) -> dict[str, torch.Tensor] | None:
+def _load_private(context: Context, fed: Federation, cid: str, config: ConfigRecord,
+                  before_round: int, trained_before: bool = False
+                  ) -> dict[str, torch.Tensor] | None:
     """The newest private table from a round before ``before_round``: memory, else disk.
 
     ``trained_before``: the server saw this client train, so a missing table was lost."""
@@ -132,7 +146,7 @@ def _load_private(context: Context, fed: Federation, cid: str, before_round: int
     stamp = context.state.config_records.get(PRIVATE_ROUND)
     if rec is not None and stamp is not None and int(stamp["round"]) < before_round:
         return from_array_record(rec, fed.device)
-    store = _store(context, fed, cid)
+    store = _store(context, fed, cid, config)
     found = store.load(before_round) if store is not None else None
     if found is not None:
         return {k: v.to(fed.device) for k, v in found[1].items()}
@@ -142,13 +156,13 @@ def _load_private(context: Context, fed: Federation, cid: str, before_round: int
     return None
 
 
-def _keep_private(context: Context, fed: Federation, cid: str, server_round: int,
-                  private: dict[str, torch.Tensor]) -> None:
+def _keep_private(context: Context, fed: Federation, cid: str, config: ConfigRecord,
+                  server_round: int, private: dict[str, torch.Tensor]) -> None:
     if not private:
         return
     context.state[PRIVATE_KEY] = to_array_record(private)
     context.state[PRIVATE_ROUND] = ConfigRecord({"round": server_round})
-    store = _store(context, fed, cid)
+    store = _store(context, fed, cid, config)
     if store is not None:
         store.save(server_round, private)
 
@@ -186,10 +200,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     params = from_array_record(msg.content[ARRAYS], fed.device)
     update, state = ClientRunner(fed, cid).train(params, server_round, _stored_state(context, config),
-                                                 _load_private(context, fed, cid, server_round,
+                                                 _load_private(context, fed, cid, config, server_round,
                                                                int(config.get(STATE_ROUND, -1)) > 0))
     context.state[STATE_KEY] = ConfigRecord({"state": encode_state(state), "round": server_round})
-    _keep_private(context, fed, cid, server_round, update.private)
+    _keep_private(context, fed, cid, config, server_round, update.private)
     if fault == "nan":
         update.delta = {k: torch.full_like(v, float("nan")) for k, v in update.delta.items()}
     elif fault == "shape":
@@ -205,7 +219,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     params = from_array_record(msg.content[ARRAYS], fed.device)
     server_round = int(config["server-round"])
     rows = ClientRunner(fed, cid).evaluate(params, server_round,
-                                           _load_private(context, fed, cid, server_round + 1))
+                                           _load_private(context, fed, cid, config, server_round + 1))
     content = rows_to_records(rows)
     content[META] = ConfigRecord({"client-id": cid})
     return Message(content, reply_to=msg)

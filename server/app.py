@@ -31,6 +31,7 @@ The local SuperLink it starts keeps running afterwards: stop it by its PID
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shlex
@@ -177,7 +178,11 @@ def run_server(grid: Grid, run_config: dict, echo=print) -> dict:
 
     directory = connect(grid, overrides, cfg.runtime.timeout)
     history = [r["central_dp"] for r in recorder.rounds if r.get("central_dp")]
-    strategy = MetaStrategy(cfg, overrides, server, directory, states, state_rounds, history)
+    hints = {"fedmeta.run-key": hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:12]}
+    if cfg.runtime.kind == "simulation":   # simulated nodes share this machine's disk
+        hints["fedmeta.state-dir"] = str((out_dir / "client_state").resolve())
+    strategy = MetaStrategy(cfg, overrides, server, directory, states, state_rounds, history,
+                            hints)
     strategy.summary()
     for rnd in range(start, cfg.runtime.rounds + 1):
         t0 = time.time()

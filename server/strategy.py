@@ -218,11 +218,15 @@ class MetaStrategy(FedAvg):
 
     def __init__(self, cfg: ExperimentConfig, overrides: list[str], server: MetaServer,
                  directory: Directory, client_states: dict[str, dict] | None = None,
-                 state_rounds: dict[str, int] | None = None, central_history: list[dict] | None = None):
+                 state_rounds: dict[str, int] | None = None, central_history: list[dict] | None = None,
+                 node_hints: dict[str, str] | None = None):
+        """``node_hints``: extra config every client message carries (the run key naming a
+        node's state sub-directory, and in simulation a directory to keep it in)."""
         super().__init__(fraction_train=cfg.runtime.fraction_train, min_train_nodes=1,
                          min_evaluate_nodes=1, min_available_nodes=1)
         self.cfg, self.server, self.directory = cfg, server, directory
         self.overrides_json = json.dumps(list(overrides))
+        self.node_hints = dict(node_hints or {})
         self.states = dict(client_states or {})
         self.state_rounds = dict(state_rounds or {})
         self.log = RoundLog()
@@ -234,7 +238,8 @@ class MetaStrategy(FedAvg):
 
     # ---- helpers ---------------------------------------------------------------------------
     def _base_config(self, server_round: int, cid: str) -> dict:
-        return {"server-round": server_round, OVERRIDES: self.overrides_json, EXPECTED: cid}
+        return {"server-round": server_round, OVERRIDES: self.overrides_json, EXPECTED: cid,
+                **self.node_hints}
 
     def _reply_client(self, msg: Message) -> str | None:
         return self.directory.client_of(msg.metadata.src_node_id)

@@ -89,8 +89,12 @@ class Federation:
         return {k: v.to(self.device) for k, v in meta_parameters(self.model).items()}
 
     def initial_private(self) -> dict[str, torch.Tensor]:
-        """A client's private item table before it trains (empty when the model has none)."""
-        return {k: v.to(self.device) for k, v in private_parameters(self.model).items()}
+        """A client's private item table before it trains: zeros (empty without a table).
+
+        Never read back from the live model: the Opacus paths load each client's values into
+        it, so it may hold the last client's table."""
+        return {k: torch.zeros_like(v, device=self.device)
+                for k, v in private_parameters(self.model).items()}
 
     def client(self, client_id: str) -> ClientTasks:
         for c in self.clients:

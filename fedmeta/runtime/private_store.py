@@ -21,12 +21,17 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^private_r(\d+)\.safetensors$")
-KEEP = 3   # newest files kept per client (a resume goes back at most one checkpoint interval)
 
 
 class PrivateStore:
-    def __init__(self, directory: str | Path, client_id: str):
+    """``keep``: newest files kept; a resume goes back at most one checkpoint interval, so
+    ``checkpoint_every + 1`` always keeps the table of the round the server checkpointed."""
+
+    def __init__(self, directory: str | Path, client_id: str, keep: int = 2):
+        if keep < 2:
+            raise ValueError(f"keep must be >= 2, got {keep}")
         self.dir = Path(directory) / client_id.replace("/", "_")
+        self.keep = keep
 
     def rounds(self) -> list[int]:
         if not self.dir.is_dir():
@@ -39,7 +44,7 @@ class PrivateStore:
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
-        for old in self.rounds()[:-KEEP]:
+        for old in self.rounds()[:-self.keep]:
             (self.dir / f"private_r{old}.safetensors").unlink(missing_ok=True)
 
     def load(self, before_round: int) -> tuple[int, dict[str, torch.Tensor]] | None:

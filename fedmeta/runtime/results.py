@@ -87,7 +87,10 @@ def write_outputs(out_dir: Path, cfg, recorder: Recorder, client_states: dict[st
     for _, r in table.iterrows():
         final.setdefault(r["domain"], {}).setdefault(r["population"], {}).setdefault(
             r["stage"], {})[r["metric"]] = r["value"]
-    eps = {cid: s.get("epsilon") for cid, s in client_states.items() if "epsilon" in s}
+    # None: a client charged rounds it never confirmed before its noise was known (see
+    # fedmeta.privacy.local.charge_unconfirmed_round) -- listed, not silently left out
+    eps = {cid: s.get("epsilon") for cid, s in client_states.items()
+           if "epsilon" in s or "unconfirmed_rounds" in s}
     summary = {
         "config": to_dict(cfg),
         "final_metrics": final,

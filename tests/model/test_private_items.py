@@ -127,12 +127,18 @@ def test_dp_clips_each_user_over_meta_and_private_tensors_jointly(algorithm):
     per_user = algo.user_updates(params, batch)
     assert set(per_user) == set(params)
     assert per_user[NAME].abs().sum() > 0                 # the table does get gradient
-    dp = LocalDPConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=1e-3)
+    clip = 1e-3
+    dp = LocalDPConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=clip)
     step = PrivateStep(dp, 12, 0.5, 0.0, UserLevelAccountant("rdp", 1e-3), noise_seed=0)
     for u in range(6):
+        raw = {k: v[u] for k, v in per_user.items()}
+        joint = float(sum((v.double() ** 2).sum() for v in raw.values()) ** 0.5)
+        assert joint > clip                               # so clipping really acts
         one = step.privatize({k: v[u:u + 1] for k, v in per_user.items()}, params)
-        norm = sum((v.double() ** 2).sum() for v in one.values()) ** 0.5
-        assert float(norm) * step.expected_batch <= 1e-3 * (1 + 1e-5)
+        assert set(one) == set(params) and one[NAME].abs().sum() > 0
+        for k, v in raw.items():   # one factor for all tensors: C / joint norm, then / batch
+            assert torch.allclose(one[k], v * (clip / joint) / step.expected_batch,
+                                  rtol=1e-4, atol=1e-12), k
 
 
 def test_opacus_hooks_give_the_table_per_user_gradients_equal_to_torch_func():
@@ -148,3 +154,25 @@ def test_opacus_hooks_give_the_table_per_user_gradients_equal_to_torch_func():
     func = algo.user_updates(params, batch)
     assert set(hooks) == set(func) == set(params)
     assert torch.allclose(hooks[NAME], func[NAME], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_opacus_paths_leave_no_table_behind_for_the_next_client(mode):
+    """Hooks and ghost clipping load a client's values into the shared model; the next
+    client must still start from a zero table, never from the previous client's."""
+    from fedmeta.runtime.client import ClientRunner
+    from fedmeta.runtime.federation import build_federation
+    from fedmeta.runtime.hydra_config import compose
+
+    cfg = compose(["runtime=inprocess", "data=synthetic_small", "data.synthetic.ecommerce_users=40",
+                   "data.synthetic.social_users=40", "algorithm=fedavg", "algorithm.local_steps=2",
+                   "algorithm.users_per_step=4", "model.private_item_embeddings=true",
+                   "privacy=local", "privacy.local.target_epsilon=null",
+                   "privacy.local.noise_multiplier=0.5", f"privacy.local.grad_sample_mode={mode}"])
+    fed = build_federation(cfg)
+    first = fed.training_clients[0].client_id
+    update, _ = ClientRunner(fed, first).train(fed.initial_parameters(), 1)
+    assert update.private[NAME].abs().sum() > 0
+    # the hazard is real: the second step loaded the trained table into the shared model
+    assert dict(fed.model.named_parameters())[NAME].detach().abs().sum() > 0
+    assert all(torch.count_nonzero(v) == 0 for v in fed.initial_private().values())

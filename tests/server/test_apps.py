@@ -330,28 +330,52 @@ def test_adaptive_clipping_noise_too_large_for_the_sample_is_a_config_error():
 
 
 # ---- private item tables: Context.state and the node's own disk, never the wire -----------
+class RecordingGrid(LoopbackGrid):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.replies = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = super().send_and_receive(messages)
+        self.replies += out
+        return out
+
+
 def test_private_tables_stay_on_the_nodes_and_survive_a_restart_from_their_disk(tmp_path):
-    over = TINY + ["model.private_item_embeddings=true",
-                   f"runtime.client_state_dir={tmp_path / 'nodes'}"]
+    from fedmeta.model.recommender import PRIVATE_PREFIX
+
+    over = TINY + ["model.private_item_embeddings=true"]
     ref = inprocess.run(compose(over), tmp_path / "ref", echo=lambda line: None)
-    grid = LoopbackGrid(client_app, N_CLIENTS)
+    grid = RecordingGrid(client_app, N_CLIENTS)
     got = run_server(grid, {"overrides": " ".join(over), "output-dir": str(tmp_path / "flower")},
                      echo=lambda line: None)
     _close(ref["final_metrics"], got["final_metrics"])
     trained = [c for c in grid.ctx.values() if "fedmeta.private" in c.state.array_records]
     assert len(trained) == 4                             # every training node, no new client
     assert all(c.state["fedmeta.private-round"]["round"] == 2 for c in trained)
-    assert not (tmp_path / "flower" / "checkpoint" / "client_private.safetensors").exists()
-    assert got["rounds"][0]["bytes_received"] == got["rounds"][0]["bytes_sent"]  # meta only
+    # nothing a node sent carries the table: no such tensor, and the state is accounting only
+    for reply in grid.replies:
+        for record in reply.content.array_records.values():
+            assert not any(k.startswith(PRIVATE_PREFIX) for k in record)
+        meta = reply.content.config_records.get("meta")
+        if meta is not None and "state" in meta:
+            assert set(json.loads(meta["state"])) <= {"dp", "epsilon", "delta"}
+    # in simulation the nodes keep the tables under the run's directory, one file per round
+    files = sorted(p.name for p in (tmp_path / "flower" / "client_state").rglob("*.safetensors"))
+    assert files == sorted(["private_r1.safetensors", "private_r2.safetensors"] * 4)
 
-    out = str(tmp_path / "cut")
-    shutil.rmtree(tmp_path / "nodes")
+    # kill after round 1, finish the run (round-2 files now exist), then restart from the
+    # round-1 checkpoint on fresh nodes: they must take round 1's tables, not round 2's
+    out = tmp_path / "cut"
     run_server(LoopbackGrid(client_app, N_CLIENTS),
-               {"overrides": " ".join(over), "output-dir": out, "stop-after": 1},
+               {"overrides": " ".join(over), "output-dir": str(out), "stop-after": 1},
                echo=lambda line: None)
-    fresh = LoopbackGrid(client_app, N_CLIENTS)          # restarted nodes: tables only on disk
-    resumed = run_server(fresh, {"overrides": " ".join(over + ["runtime.resume=true"]),
-                                 "output-dir": out}, echo=lambda line: None)
+    shutil.copytree(out / "checkpoint", tmp_path / "round1")
+    resume = {"overrides": " ".join(over + ["runtime.resume=true"]), "output-dir": str(out)}
+    run_server(LoopbackGrid(client_app, N_CLIENTS), resume, echo=lambda line: None)
+    shutil.rmtree(out / "checkpoint")
+    shutil.copytree(tmp_path / "round1", out / "checkpoint")
+    resumed = run_server(LoopbackGrid(client_app, N_CLIENTS), resume, echo=lambda line: None)
     _close(ref["final_metrics"], resumed["final_metrics"])
 
 
