@@ -85,11 +85,13 @@ def scale_cell(spec: dict) -> dict:
     rss_built = current_rss_mb()
     params = fed.initial_parameters()
     t1 = time.perf_counter()
-    for c in fed.training_clients:
+    active = [c for c in fed.training_clients if len(c.train)]   # the runtimes drop the rest
+    for c in active:
         ClientRunner(fed, c.client_id).train(params, 1, None)
     t_round = time.perf_counter() - t1
-    largest = max(len(c.train) for c in fed.training_clients)
-    return {"interactions": n_rows, "clients": len(fed.training_clients), "data_s": t_data,
+    largest = max(len(c.train) for c in active)
+    return {"interactions": n_rows, "clients": len(active),
+            "without_tasks": len(fed.training_clients) - len(active), "data_s": t_data,
             "build_s": t_build, "round_s": t_round, "rss_built_mb": rss_built,
             "peak_rss_mb": max_rss_mb(), "largest_client_users": largest}
 

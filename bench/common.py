@@ -33,7 +33,17 @@ def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
 
 
 def max_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process so far.
+
+    ``VmHWM`` of the process's own address space: ``ru_maxrss`` would not do, because Linux
+    carries the parent's high-water mark through fork and exec into the child's, so a cell
+    started after a big one in the parent reports the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
