@@ -72,8 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             echo = lambda s: print("  " + s, flush=True)  # noqa: E731
             mod = figure(name)
-            sections[name] = (mod.run(args.quick, echo=echo, budget_s=args.q1_minutes * 60)
-                              if name == "Q1" else mod.run(args.quick, echo=echo))
+            load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+            started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            body = (mod.run(args.quick, echo=echo, budget_s=args.q1_minutes * 60)
+                    if name == "Q1" else mod.run(args.quick, echo=echo))
+            # sections outlive the invocation that wrote them (--only keeps the others)
+            sections[name] = (f"{body}\n\n_Measured {started} by `fedmeta-bench "
+                              f"{' '.join(argv)}` in {time.time() - t0:.0f} s; load average at "
+                              f"the start: {load}._")
         except Exception as err:   # one broken figure must not lose the others' numbers
             logging.getLogger(__name__).exception("figure %s failed", name)
             sections[name] = f"## {name}\n\nfailed: {type(err).__name__}: {err}"
