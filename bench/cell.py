@@ -55,8 +55,15 @@ def dp_cell(spec: dict) -> dict:
             private.direction(algo, params, batch)
     rss_setup = current_rss_mb()
     med, times = median_time(step, spec["repeats"], warmup=1)
-    return {"median_s": med, "times": times, "rss_setup_mb": rss_setup, "peak_rss_mb": max_rss_mb(),
-            "params": sum(v.numel() for v in params.values())}
+    out = {"median_s": med, "times": times, "rss_setup_mb": rss_setup, "peak_rss_mb": max_rss_mb(),
+           "params": sum(v.numel() for v in params.values()),
+           "table_params": sum(v.numel() for k, v in params.items() if k.startswith("items.tokens"))}
+    if mode == "functorch":   # where the step's time goes: per-user gradients vs clip + noise
+        per_user = algo.user_updates(params, batch)
+        out["grads_s"] = median_time(lambda: algo.user_updates(params, batch), spec["repeats"])[0]
+        out["privatize_s"] = median_time(lambda: private.privatize(per_user, params),
+                                         spec["repeats"])[0]
+    return out
 
 
 def scale_cell(spec: dict) -> dict:

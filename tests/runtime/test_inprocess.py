@@ -69,10 +69,10 @@ def test_failing_and_nan_clients_are_dropped_and_counted(tmp_path, data, monkeyp
     broken, poisoned = ids[0], ids[1]
     original = ClientRunner.train
 
-    def faulty(self, params, server_round, state=None):
+    def faulty(self, params, server_round, state=None, private=None):
         if self.client_id == broken:
             raise RuntimeError("disk on fire")
-        update, state = original(self, params, server_round, state)
+        update, state = original(self, params, server_round, state, private)
         if self.client_id == poisoned:
             next(iter(update.delta.values()))[0].fill_(float("nan"))
         return update, state
