@@ -150,7 +150,7 @@ def _load_private(context: Context, fed: Federation, cid: str, config: ConfigRec
     found = store.load(before_round) if store is not None else None
     if found is not None:
         return {k: v.to(fed.device) for k, v in found[1].items()}
-    if fed.initial_private() and trained_before:
+    if fed.cfg.model.private_item_embeddings and trained_before:
         log.warning("client %s: no private item table from before round %d (node restarted "
                     "without a state directory); it starts again from zero", cid, before_round)
     return None

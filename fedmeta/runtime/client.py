@@ -46,9 +46,9 @@ class ClientRunner:
 
     def private(self, private: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """The client's private tensors on the device, or the initial (zero) table."""
-        if private is None or not private:
-            return self.fed.initial_private()
         expected = self.fed.initial_private()
+        if not private:
+            return expected
         if set(private) != set(expected) or any(private[k].shape != v.shape
                                                 for k, v in expected.items()):
             raise ValueError(f"client {self.client_id}: stored private tensors "
