@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 from fedmeta.config import ConfigError, ExperimentConfig
 from server import certs
-from server.supervisor import Interrupted, Proc, Supervisor, raise_on_signals
+from server.supervisor import Interrupted, Proc, Supervisor, raise_on_signals, reap_descendants
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fedmeta-deploy: --nodes must be >= 1", file=sys.stderr)
         return 2
     try:
-        with raise_on_signals():
+        # the Supervisor stops what it started; reaping also collects what those left behind
+        with raise_on_signals(), reap_descendants(grace=10):
             deploy(args.overrides, args.workdir, args.nodes, insecure=args.insecure,
                    port=args.superlink_port, timeout=args.timeout,
                    echo=lambda s: print(s, flush=True))

@@ -73,13 +73,15 @@ def simulate(cfg: ExperimentConfig, overrides: list[str], out_dir: Path,
 
     from clients.app import app as client_app
     from server.app import make_server_app
+    from server.supervisor import reap_descendants
 
     resources = resources or check_resources(cfg)
     n = count_clients(cfg)
     log.info("Flower simulation: %d SuperNodes, %s each, outputs in %s", n, resources, out_dir)
     server_app = make_server_app({"overrides": shlex.join(overrides), "output-dir": str(out_dir)})
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
-                   backend_name="ray", backend_config={"client_resources": resources})
+    with reap_descendants():
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
+                       backend_name="ray", backend_config={"client_resources": resources})
     if not (out_dir / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without writing {out_dir / 'summary.json'}; "
                            "see the ServerApp log above")

@@ -74,9 +74,16 @@ class Supervisor:
         self.grace = grace
         self.procs: list[Proc] = []
         self._hurry = False
+        self._subreaper_was: bool | None = None
+        self._before: set[int] = set()
 
     def start(self, name: str, argv: Sequence[str], pipe: bool = False) -> Proc:
         """Start ``argv`` in a new session, output to ``<log_dir>/<name>.log`` (or a pipe)."""
+        if self._subreaper_was is None:
+            # detached grandchildren (SuperLink's superexec) are re-parented to us, not PID 1,
+            # so that stop_all can reap them: a container's PID 1 may never do it
+            self._before = _descendants()
+            self._subreaper_was = _subreaper(True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / f"{name}.log"
         with open(path, "wb") as fh:
@@ -137,6 +144,13 @@ class Supervisor:
         with _deferred_signals(self._hurry_up):
             self.stop(*reversed(procs[1:]))
             self.stop(*procs[:1])
+            if self._subreaper_was is not None:
+                # what the daemons started after we last looked (and left behind) is ours now
+                _end_new_descendants(self._before, 1.0 if self._hurry else self.grace,
+                                     terminate=True)
+        if self._subreaper_was is not None:
+            _subreaper(self._subreaper_was)
+            self._subreaper_was = None
 
     def _hurry_up(self) -> None:
         self._hurry = True
@@ -193,3 +207,101 @@ def _deferred_signals(on_signal: Callable[[], None]):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
+
+
+def _subreaper(on: bool | None = None) -> bool:
+    """Linux's child-subreaper flag (orphaned descendants are re-parented to this process
+    instead of PID 1): set it when ``on`` is given; return its previous value."""
+    if os.uname().sysname != "Linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        flag = ctypes.c_int(0)
+        libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+        if on is not None:
+            libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+        return bool(flag.value)
+    except (OSError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def reap_descendants(grace: float = 30.0):
+    """Wait for, and reap, every process started inside the block before leaving it.
+
+    ``ray.shutdown()`` kills the raylet, whose workers then exit on their own a moment later,
+    after their parent is gone: without this, a command can return while Ray workers are still
+    exiting, and in a container whose PID 1 does not reap they linger as zombies. As a child
+    subreaper this process inherits those orphans; it waits ``grace`` seconds for them, kills
+    the rest and reaps them all. Processes that were already children before the block are left
+    alone.
+    """
+    before = _descendants()
+    was = _subreaper(True)
+    try:
+        yield
+    finally:
+        _end_new_descendants(before, grace)
+        _subreaper(was)
+
+
+def _descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _end_new_descendants(before: set[int], grace: float, terminate: bool = False) -> None:
+    """Wait ``grace`` seconds (after SIGTERM if ``terminate``) for every descendant not in
+    ``before``, SIGKILL the rest, and reap them all."""
+    me = psutil.Process()
+    deadline = time.monotonic() + grace
+    killed, signalled = False, set()
+    while True:
+        # listed again each pass: orphans are re-parented to us as their parents exit
+        left = [p for p in me.children(recursive=True) if p.pid not in before]
+        if not left:
+            return
+        for p in left:
+            if terminate and p.pid not in signalled:
+                signalled.add(p.pid)
+                with contextlib.suppress(psutil.Error):
+                    p.terminate()
+        if time.monotonic() >= deadline:
+            if killed:
+                log.warning("processes %s survived SIGKILL", [p.pid for p in left])
+                return
+            log.warning("%d processes did not exit within %.0f s: killing %s", len(left),
+                        grace, [p.pid for p in left])
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            killed, deadline = True, time.monotonic() + 5
+        _reap(left, timeout=0.5)
+
+
+def _reap(procs: Sequence[psutil.Process], timeout: float) -> None:
+    """Wait up to ``timeout`` for ``procs`` to end; collect those that are (or become, once
+    re-parented) our children. psutil's own wait stops trying ``waitpid`` on a process that
+    was not our child when it started waiting, so an orphan handed to us later stays a zombie."""
+    pending = {p.pid: p for p in procs}
+    deadline = time.monotonic() + timeout
+    while pending:
+        for pid, p in list(pending.items()):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    del pending[pid]
+                continue
+            except ChildProcessError:
+                pass                                  # not ours (yet): is it still there?
+            try:
+                if not p.is_running():
+                    del pending[pid]
+            except psutil.Error:
+                del pending[pid]
+        if not pending or time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
