@@ -22,9 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     fed, client, params = setup()
     algo = fed.algorithm
     batch = batch_of(fed, client, users)
-    algo.user_updates(params, batch)                       # warm-up both paths
+    algo.directions(params, batch)                         # warm-up every path
+    algo.user_updates(params, batch)
     loop_updates(algo, params, batch_of(fed, client, 2))
-    for name, fn in [("vmap", lambda: algo.user_updates(params, batch)),
+    for name, fn in [("vmap", lambda: algo.directions(params, batch)),
+                     ("vmap, whole table", lambda: algo.user_updates(params, batch)),
                      ("loop", lambda: loop_updates(algo, params, batch))]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()

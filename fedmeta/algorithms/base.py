@@ -62,9 +62,15 @@ class Algorithm:
         """Per-user update directions, each tensor with a leading user dimension."""
         raise NotImplementedError
 
+    def directions(self, params: Params, batch) -> Params:
+        """:meth:`user_updates` computed on the token-table rows the batch reads (the same
+        numbers, much less work per user: see :meth:`Objective.compact`)."""
+        cut = self.objective.compact(params, batch)
+        return self.objective.expand(self.user_updates(cut.params, cut.batch), cut.rows, params)
+
     def mean_update(self, params: Params, batch) -> Params:
         """Average direction; subclasses may override with a cheaper batched computation."""
-        per_user = self.user_updates(params, batch)
+        per_user = self.directions(params, batch)
         return {k: v.mean(0) for k, v in per_user.items()}
 
     def client_update(self, params: Params, tasks: ClientTasks, gen: torch.Generator,

@@ -5,7 +5,8 @@ sampled at rate q each step, each user's update direction (whatever the algorith
 that user: a gradient, a Reptile difference, a MAML meta-gradient) is clipped to L2 norm C
 over *all* meta-parameters jointly, and Gaussian noise N(0, sigma^2 C^2) is added to the sum
 before dividing by the expected batch size q*n. Clipping, noise and scaling are Opacus's
-``DPOptimizer``; accounting is an Opacus accountant (RDP or PRV) that persists across rounds
+``DPOptimizer`` (on the item-token rows the batch read; the table's other rows, whose
+clipped sum is zero, get their noise from Opacus's noise function); accounting is an Opacus accountant (RDP or PRV) that persists across rounds
 and restarts through the client state. Per-user directions come from ``torch.func`` (any
 algorithm) or, for FedAvg, from Opacus's own hooks.
 
@@ -20,9 +21,10 @@ import logging
 
 import torch
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _generate_noise
 
 from fedmeta.algorithms.base import Algorithm, Step
-from fedmeta.algorithms.objective import Params
+from fedmeta.algorithms.objective import TOKEN_TABLE, Params
 from fedmeta.config import ExperimentConfig, LocalDPConfig
 from fedmeta.privacy.accounting import UserLevelAccountant
 from fedmeta.privacy.planning import noise_for_budget
@@ -122,34 +124,66 @@ class PrivateStep(Step):
             self.accountant.step(self.sigma, self.q, 1)
             self.steps_taken += 1
             return direction
+        rows = None
         if n == 0:
             per_user = {k: v.new_zeros((0, *v.shape)) for k, v in params.items()}
         elif self.dp.grad_sample_mode == "hooks":
             per_user = opacus_hooks_grads(algorithm, params, batch)
-        else:
-            per_user = algorithm.user_updates(params, batch)
-        direction = self.privatize(per_user, params)
+        else:   # on the token rows the batch reads; privatize noises every row
+            cut = algorithm.objective.compact(params, batch)
+            per_user, rows = algorithm.user_updates(cut.params, cut.batch), cut.rows
+        direction = self.privatize(per_user, params, rows)
         self.accountant.step(self.sigma, self.q, 1)
         self.steps_taken += 1
         return direction
 
-    def privatize(self, per_user: Params, like: Params) -> Params:
-        """Clip each user's direction to C (jointly over all tensors), add noise, scale."""
-        opt = self._dp_optimizer(like)
+    def privatize(self, per_user: Params, like: Params,
+                  rows: torch.Tensor | None = None) -> Params:
+        """Clip each user's direction to C (jointly over all tensors), add noise, scale.
+
+        ``rows``: the token table in ``per_user`` holds only these rows of the one in ``like``
+        (the rows the batch read, see ``Objective.compact``); every user's direction is exactly
+        zero on the others, so they change no norm and add nothing to the clipped sum. Opacus
+        clips, sums and noises the rows given; every other row gets the noise Opacus would
+        have given it (its own noise function, generator, std sigma*C and scaling), so the
+        released direction has the same distribution as with the whole table, and the rows a
+        batch read are not revealed by which rows moved.
+        """
         missing = set(like) - set(per_user)
         if missing:
             raise RuntimeError(f"per-user directions miss trainable tensors {sorted(missing)[:5]}: "
                                "every meta-parameter must be clipped and noised")
+        shapes = {k: like[k].shape for k in like}
+        if rows is not None:
+            shapes[TOKEN_TABLE] = torch.Size((len(rows), *like[TOKEN_TABLE].shape[1:]))
+        wrong = [k for k in like if per_user[k].shape[1:] != shapes[k]]
+        if wrong:
+            raise RuntimeError(f"per-user directions for {wrong[:3]} have shape "
+                               f"{tuple(per_user[wrong[0]].shape[1:])}, expected "
+                               f"{tuple(shapes[wrong[0]])}")
+        opt = self._dp_optimizer(shapes, like)
         for name, slot in self._slots.items():
             slot.grad_sample = per_user[name].detach().to(slot.dtype)
+        scale = opt.expected_batch_size * opt.accumulated_iterations   # what scale_grad divides by
         opt.pre_step()
         out = {name: slot.grad.detach().clone() for name, slot in self._slots.items()}
         opt.zero_grad(set_to_none=True)
+        if rows is not None:
+            full = _generate_noise(std=opt.noise_multiplier * opt.max_grad_norm,
+                                   reference=like[TOKEN_TABLE], generator=self.noise_gen,
+                                   secure_mode=opt.secure_mode)
+            full = full / scale
+            full[rows] = out[TOKEN_TABLE]
+            out[TOKEN_TABLE] = full
         return out
 
-    def _dp_optimizer(self, like: Params) -> DPOptimizer:
-        if self._optimizer is None:
-            self._slots = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in like.items()}
+    def _dp_optimizer(self, shapes: dict[str, torch.Size], like: Params) -> DPOptimizer:
+        """Opacus's optimiser over one slot per tensor, rebuilt when a slot's shape changes
+        (the cut token table has as many rows as the batch read)."""
+        if self._optimizer is None or any(self._slots[k].shape != shapes[k] for k in shapes):
+            old = self._slots if self._optimizer is not None else {}
+            self._slots = {k: old[k] if k in old and old[k].shape == shapes[k]
+                           else torch.nn.Parameter(like[k].new_zeros(shapes[k])) for k in shapes}
             self._optimizer = DPOptimizer(
                 torch.optim.SGD(list(self._slots.values()), lr=1.0),
                 noise_multiplier=self.sigma, max_grad_norm=self.dp.max_grad_norm,

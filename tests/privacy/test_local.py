@@ -52,6 +52,50 @@ def test_noise_std_is_sigma_c_over_expected_batch():
     assert abs(out["a"].mean().item()) < 0.01
 
 
+# ---- the cut token table (only the rows a batch read are computed per user) ---------------
+TABLE = "items.tokens.weight"
+
+
+@pytest.mark.parametrize("algo_cls", [FedAvg, MAML])
+def test_privatising_the_cut_table_equals_privatising_the_whole_table(algo_cls):
+    """Without noise the two give the same clipped mean: the rows not read add nothing."""
+    model, params = tiny_model()
+    client = toy_client()
+    algo = algo_cls(algo_cfg(), Objective(model))
+    batch = Objective.batch(client.train.subset(range(5)), client.catalog, 8,
+                            torch.Generator().manual_seed(0), torch.device("cpu"))
+    whole = _step(clip=0.05, n_users=len(client.train)).privatize(algo.user_updates(params, batch),
+                                                                  params)
+    step = _step(clip=0.05, n_users=len(client.train))
+    cut_dir = step.direction(algo, params, batch)
+    assert set(cut_dir) == set(params)
+    for k in params:
+        torch.testing.assert_close(cut_dir[k], whole[k], rtol=1e-5, atol=1e-8)
+    assert whole[TABLE].abs().sum() > 0
+
+
+def test_every_row_of_the_cut_table_is_noised_with_sigma_c_over_expected_batch():
+    """Rows the batch did not read still move, by exactly the noise they would have had."""
+    vocab, dim = 50_000, 8
+    like = {TABLE: torch.zeros(vocab, dim), "b": torch.zeros(3)}
+    rows = torch.tensor([0, 7, 123, 40_000])
+    step = _step(sigma=2.0, clip=0.5, n_users=20, q=0.25)      # expected batch 5
+    out = step.privatize({TABLE: torch.zeros(4, len(rows), dim), "b": torch.zeros(4, 3)}, like,
+                         rows)
+    table = out[TABLE]
+    assert table.shape == (vocab, dim) and (table != 0).all()
+    assert table.std().item() == pytest.approx(2.0 * 0.5 / 5, rel=0.02)
+    assert table[rows].std().item() > 0
+
+
+def test_a_cut_table_of_the_wrong_size_fails_loudly():
+    like = {TABLE: torch.zeros(100, 4)}
+    with pytest.raises(RuntimeError, match="expected"):
+        _step().privatize({TABLE: torch.zeros(2, 5, 4)}, like, torch.arange(3))
+    with pytest.raises(RuntimeError, match="expected"):
+        _step().privatize({TABLE: torch.zeros(2, 5, 4)}, like)
+
+
 def test_a_missing_parameter_fails_loudly():
     with pytest.raises(RuntimeError, match="every meta-parameter"):
         _step().privatize({"a": torch.zeros(2, 3)}, {"a": torch.zeros(3), "b": torch.zeros(2)})
