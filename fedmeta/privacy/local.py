@@ -6,9 +6,10 @@ that user: a gradient, a Reptile difference, a MAML meta-gradient) is clipped to
 over *all* meta-parameters jointly, and Gaussian noise N(0, sigma^2 C^2) is added to the sum
 before dividing by the expected batch size q*n. Clipping, noise and scaling are Opacus's
 ``DPOptimizer`` (on the item-token rows the batch read; the table's other rows, whose
-clipped sum is zero, get their noise from Opacus's noise function); accounting is an Opacus accountant (RDP or PRV) that persists across rounds
-and restarts through the client state. Per-user directions come from ``torch.func`` (any
-algorithm) or, for FedAvg, from Opacus's own hooks.
+clipped sum is zero, get their noise from Opacus's noise function); accounting is an Opacus
+accountant (RDP or PRV) that persists across rounds and restarts through the client state.
+Per-user directions come from ``torch.func`` (any algorithm) or, for FedAvg, from Opacus's
+own hooks.
 
 The noise multiplier, when a target epsilon is given, is solved once for the whole planned
 run (``rounds * local_steps`` steps at rate q) and then kept in the state, so later rounds
@@ -180,7 +181,8 @@ class PrivateStep(Step):
     def _dp_optimizer(self, shapes: dict[str, torch.Size], like: Params) -> DPOptimizer:
         """Opacus's optimiser over one slot per tensor, rebuilt when a slot's shape changes
         (the cut token table has as many rows as the batch read)."""
-        if self._optimizer is None or any(self._slots[k].shape != shapes[k] for k in shapes):
+        if self._optimizer is None or any(k not in self._slots or self._slots[k].shape != shapes[k]
+                                          for k in shapes):
             old = self._slots if self._optimizer is not None else {}
             self._slots = {k: old[k] if k in old and old[k].shape == shapes[k]
                            else torch.nn.Parameter(like[k].new_zeros(shapes[k])) for k in shapes}

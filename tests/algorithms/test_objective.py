@@ -5,11 +5,11 @@ import torch
 
 from fedmeta.algorithms import ALGORITHMS, Objective
 from fedmeta.algorithms.objective import TOKEN_TABLE, Cut
+from fedmeta.config import ModelConfig
 from fedmeta.data.tasks import Catalog
 from fedmeta.eval.protocol import user_scores
 from fedmeta.model.features import with_item_ids
 from fedmeta.model.recommender import build_model, meta_parameters, private_parameters
-from fedmeta.config import ModelConfig
 from tests.helpers import algo_cfg, toy_client
 
 
@@ -69,7 +69,8 @@ def test_evaluation_scores_on_the_cut_equal_the_full_computation(steps, monkeypa
     cut = user_scores(algo, params, tasks, client, steps, torch.Generator().manual_seed(0),
                       torch.device("cpu"))
     # the same evaluation with nothing cut
-    monkeypatch.setattr(Objective, "compact", lambda self, p, b, catalog=None: Cut(p, b, None, catalog))
+    monkeypatch.setattr(Objective, "compact",
+                        lambda self, p, b, catalog=None: Cut(p, b, None, catalog))
     full = user_scores(algo, params, tasks, client, steps, torch.Generator().manual_seed(0),
                        torch.device("cpu"))
     assert cut.shape == (6, client.catalog.n_items)
