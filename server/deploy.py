@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 from fedmeta.config import ConfigError, ExperimentConfig
 from server import certs
-from server.supervisor import Interrupted, Proc, Supervisor, raise_on_signals, reap_descendants
+from server.supervisor import Interrupted, Proc, Supervisor, raise_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fedmeta-deploy: --nodes must be >= 1", file=sys.stderr)
         return 2
     try:
-        # the Supervisor stops what it started; reaping also collects what those left behind
-        with raise_on_signals(), reap_descendants(grace=10):
+        with raise_on_signals():
             deploy(args.overrides, args.workdir, args.nodes, insecure=args.insecure,
                    port=args.superlink_port, timeout=args.timeout,
                    echo=lambda s: print(s, flush=True))

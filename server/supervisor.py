@@ -74,16 +74,14 @@ class Supervisor:
         self.grace = grace
         self.procs: list[Proc] = []
         self._hurry = False
-        self._subreaper_was: bool | None = None
-        self._before: set[int] = set()
+        self._orphans: _Orphans | None = None
 
     def start(self, name: str, argv: Sequence[str], pipe: bool = False) -> Proc:
         """Start ``argv`` in a new session, output to ``<log_dir>/<name>.log`` (or a pipe)."""
-        if self._subreaper_was is None:
+        if self._orphans is None:
             # detached grandchildren (SuperLink's superexec) are re-parented to us, not PID 1,
             # so that stop_all can reap them: a container's PID 1 may never do it
-            self._before = _descendants()
-            self._subreaper_was = _subreaper(True)
+            self._orphans = _Orphans()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / f"{name}.log"
         with open(path, "wb") as fh:
@@ -144,13 +142,10 @@ class Supervisor:
         with _deferred_signals(self._hurry_up):
             self.stop(*reversed(procs[1:]))
             self.stop(*procs[:1])
-            if self._subreaper_was is not None:
+            orphans, self._orphans = self._orphans, None
+            if orphans is not None:
                 # what the daemons started after we last looked (and left behind) is ours now
-                _end_new_descendants(self._before, 1.0 if self._hurry else self.grace,
-                                     terminate=True)
-        if self._subreaper_was is not None:
-            _subreaper(self._subreaper_was)
-            self._subreaper_was = None
+                orphans.end(1.0 if self._hurry else self.grace, terminate=True)
 
     def _hurry_up(self) -> None:
         self._hurry = True
@@ -241,46 +236,54 @@ def reap_descendants(grace: float = 30.0):
     the rest and reaps them all. Processes that were already children before the block are left
     alone.
     """
-    before = _descendants()
-    was = _subreaper(True)
+    orphans = _Orphans()
     try:
         yield
     finally:
-        _end_new_descendants(before, grace)
-        _subreaper(was)
+        orphans.end(grace)
 
 
-def _descendants() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+class _Orphans:
+    """Every process started from now on, adopted (as child subreaper) when its parent dies."""
 
+    def __init__(self):
+        me = psutil.Process()
+        self.before = {p.pid for p in me.children(recursive=True)}
+        self.was = _subreaper(True)
 
-def _end_new_descendants(before: set[int], grace: float, terminate: bool = False) -> None:
-    """Wait ``grace`` seconds (after SIGTERM if ``terminate``) for every descendant not in
-    ``before``, SIGKILL the rest, and reap them all."""
-    me = psutil.Process()
-    deadline = time.monotonic() + grace
-    killed, signalled = False, set()
-    while True:
-        # listed again each pass: orphans are re-parented to us as their parents exit
-        left = [p for p in me.children(recursive=True) if p.pid not in before]
-        if not left:
-            return
-        for p in left:
-            if terminate and p.pid not in signalled:
-                signalled.add(p.pid)
-                with contextlib.suppress(psutil.Error):
-                    p.terminate()
-        if time.monotonic() >= deadline:
-            if killed:
-                log.warning("processes %s survived SIGKILL", [p.pid for p in left])
+    def end(self, grace: float, terminate: bool = False) -> None:
+        """Wait ``grace`` seconds (after SIGTERM if ``terminate``) for them, SIGKILL the rest,
+        reap them all, and put the subreaper flag back."""
+        try:
+            self._end(grace, terminate)
+        finally:
+            _subreaper(self.was)
+
+    def _end(self, grace: float, terminate: bool) -> None:
+        me = psutil.Process()
+        deadline = time.monotonic() + grace
+        killed, signalled = False, set()
+        while True:
+            # listed again each pass: orphans are re-parented to us as their parents exit
+            left = [p for p in me.children(recursive=True) if p.pid not in self.before]
+            if not left:
                 return
-            log.warning("%d processes did not exit within %.0f s: killing %s", len(left),
-                        grace, [p.pid for p in left])
             for p in left:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-            killed, deadline = True, time.monotonic() + 5
-        _reap(left, timeout=0.5)
+                if terminate and p.pid not in signalled:
+                    signalled.add(p.pid)
+                    with contextlib.suppress(psutil.Error):
+                        p.terminate()
+            if time.monotonic() >= deadline:
+                if killed:
+                    log.warning("processes %s survived SIGKILL", [p.pid for p in left])
+                    return
+                log.warning("%d processes did not exit within %.0f s: killing %s", len(left),
+                            grace, [p.pid for p in left])
+                for p in left:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+                killed, deadline = True, time.monotonic() + 5
+            _reap(left, timeout=0.5)
 
 
 def _reap(procs: Sequence[psutil.Process], timeout: float) -> None:
