@@ -168,10 +168,15 @@ class LocalDPConfig:
     enabled: bool = False
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
-    delta: float | None = None    # default: 1 / number of users of the client
+    delta: float | None = None    # default: 1 / (10 * the node's own training users)
     max_grad_norm: float = 1.0
     mechanism: str = "rdp"        # rdp | prv
     grad_sample_mode: str = "functorch"   # functorch | hooks | ghost (hooks/ghost: FedAvg only)
+    secure_mode: bool = False     # Opacus secure_mode noise (floating-point attack mitigation)
+    # Reproducible noise and sampling, for simulations only: seeds come from HMAC(secret, ...)
+    # instead of the OS CSPRNG, so the run is NOT private against anyone who knows the secret
+    # (outputs say so). Never derived from the run seed or anything the server sends.
+    reproducible_secret: str | None = None
 
     def __post_init__(self):
         _choice("privacy.local.mechanism", self.mechanism, {"rdp", "prv"})
@@ -190,6 +195,9 @@ class LocalDPConfig:
                    self.target_epsilon)
         if self.delta is not None:
             _check("privacy.local.delta", 0 < self.delta < 1, "must be in (0, 1)", self.delta)
+        if self.reproducible_secret:
+            _check("privacy.local.reproducible_secret", len(self.reproducible_secret) >= 16,
+                   "needs at least 16 characters", "<hidden>")
 
 
 @dataclass
@@ -202,12 +210,17 @@ class CentralDPConfig:
     delta: float = 1e-5
 
     def __post_init__(self):
-        _choice("privacy.central.side", self.side, {"server", "client"})
-        _choice("privacy.central.clipping", self.clipping, {"fixed", "adaptive"})
+        _choice("privacy.central.side", self.side, {"server"})
+        if self.clipping == "adaptive":
+            raise ConfigError("privacy.central.clipping: 'adaptive' is refused: its clipping-norm "
+                              "quantile is itself a release that must be noised and accounted, "
+                              "which this mechanism does not do; use 'fixed'")
+        _choice("privacy.central.clipping", self.clipping, {"fixed"})
         _check("privacy.central.noise_multiplier", self.noise_multiplier >= 0, "must be >= 0",
                self.noise_multiplier)
         _check("privacy.central.clipping_norm", self.clipping_norm > 0, "must be > 0",
                self.clipping_norm)
+        _check("privacy.central.delta", 0 < self.delta < 1, "must be in (0, 1)", self.delta)
 
 
 @dataclass
@@ -231,8 +244,13 @@ class RuntimeConfig:
     resume: bool = False
     plots: bool = True
     threads: int = 0              # torch intra-op threads per process; 0 = torch's default
-    client_state_dir: str = ""    # where Flower clients keep private item tables on their own
-                                  # disk for restarts ("" = memory only, Context.state)
+    client_state_dir: str = ""    # root of the simulated nodes' own disks (ledgers, private
+                                  # tables); "" = <run dir>/nodes
+    silo_dir: str = ""            # where the silos are written; "" = <run dir>/silos
+    verbose: bool = False         # Flower/Ray INFO logs on the console
+    # Server-side reproducibility (client sample, central-DP noise): as for
+    # privacy.local.reproducible_secret, "" means the OS CSPRNG.
+    reproducible_secret: str = ""
 
     def __post_init__(self):
         _choice("runtime.kind", self.kind, {"inprocess", "simulation", "deployment"})
@@ -244,6 +262,15 @@ class RuntimeConfig:
         if not (self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:")):
             raise ConfigError(f"runtime.device: {self.device!r} is not one of "
                               "['auto', 'cpu', 'cuda', 'cuda:N']")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"runtime.device: {self.device!r} but no CUDA device is "
+                                  "available here (use 'auto' or 'cpu')")
+        if self.reproducible_secret:
+            _check("runtime.reproducible_secret", len(self.reproducible_secret) >= 16,
+                   "needs at least 16 characters", "<hidden>")
 
 
 @dataclass
@@ -262,6 +289,37 @@ class ExperimentConfig:
             raise ConfigError("privacy.local.grad_sample_mode: 'hooks'/'ghost' compute per-sample "
                               "gradients at one shared parameter point, which only FedAvg has; "
                               f"use 'functorch' for {self.algorithm.name!r}")
+
+
+RUN_DATA_KEYS = ("max_len", "support_fraction", "k_shot", "n_test", "max_eval_users")
+
+
+def run_config(cfg: ExperimentConfig) -> dict:
+    """The run-level training hyper-parameters server and nodes agree on (JSON-able).
+
+    This is all a server sends besides the global arrays and the round: the model it
+    aggregates, the algorithm and its schedule, how tasks are cut from a user's history.
+    Nothing in it says which data a node reads or how private its update is.
+    """
+    return {"seed": cfg.seed, "rounds": cfg.runtime.rounds, "model": to_dict(cfg.model),
+            "algorithm": to_dict(cfg.algorithm),
+            "tasks": {k: getattr(cfg.data, k) for k in RUN_DATA_KEYS}}
+
+
+def run_config_diff(mine: dict, theirs: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where ``theirs`` differs from ``mine`` (missing and extra keys included)."""
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return [] if mine == theirs and type(mine) is type(theirs) else [prefix or "<root>"]
+    out = []
+    for key in sorted(set(mine) | set(theirs)):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in mine:
+            out.append(f"{name} (unexpected)")
+        elif key not in theirs:
+            out.append(f"{name} (missing)")
+        else:
+            out.extend(run_config_diff(mine[key], theirs[key], name))
+    return out
 
 
 def resolve(cfg: Any) -> ExperimentConfig:

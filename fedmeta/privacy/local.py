@@ -26,93 +26,45 @@ from opacus.optimizers.optimizer import _generate_noise
 
 from fedmeta.algorithms.base import Algorithm, Step
 from fedmeta.algorithms.objective import TOKEN_TABLE, Params
-from fedmeta.config import ExperimentConfig, LocalDPConfig
+from fedmeta.config import LocalDPConfig
 from fedmeta.privacy.accounting import UserLevelAccountant
-from fedmeta.privacy.planning import noise_for_budget
 
 log = logging.getLogger(__name__)
 
-UNCONFIRMED = "unconfirmed_rounds"   # rounds charged by the server before sigma was known
-
-
-def charge_unconfirmed_round(state: dict | None, local_steps: int) -> dict:
-    """The server's copy of a client's state after a round whose reply never came.
-
-    The client may still have trained (a reply that arrived after the timeout, a failure
-    after the steps): its own accountant then moved on, but a node that later restarts
-    without its ``Context.state`` would be handed the server's older copy and report a
-    smaller epsilon than it spent. So the copy is charged the round the client would have
-    taken -- exactly the client's own rule: ``local_steps`` steps if they fit its budget,
-    none otherwise. Before the client's first reply the server does not know its noise, so
-    it counts the round and the client charges it when it builds its accountant.
-    """
-    state = dict(state or {})
-    saved = state.get("dp")
-    if saved is None:
-        state[UNCONFIRMED] = int(state.get(UNCONFIRMED, 0)) + 1
-        return state
-    acc = UserLevelAccountant.from_state_dict(saved["accountant"])
-    sigma, q = float(saved["noise_multiplier"]), float(saved["sample_rate"])
-    if acc.can_afford(sigma, q, local_steps):
-        acc.step(sigma, q, local_steps)
-    state["dp"] = {**saved, "accountant": acc.state_dict()}
-    state["epsilon"] = acc.epsilon()
-    return state
-
-
 class PrivateStep(Step):
+    """Clip, noise and (optionally) account one local step.
+
+    ``generator`` is the only entropy the step uses (Poisson sample and noise): the node
+    seeds it from the OS CSPRNG (:mod:`fedmeta.privacy.randomness`). ``accountant``: when
+    given, every step is recorded in it as it is taken (planning tools, audits); a node
+    passes none, because its ledger charges the whole round before the first step.
+    """
+
     def __init__(self, dp: LocalDPConfig, n_users: int, sample_rate: float, noise_multiplier: float,
-                 accountant: UserLevelAccountant, noise_seed: int):
+                 generator: torch.Generator, accountant: UserLevelAccountant | None = None):
         self.dp, self.n_users, self.q = dp, n_users, sample_rate
         self.sigma, self.accountant = noise_multiplier, accountant
         self.expected_batch = max(1, round(sample_rate * n_users))
-        self.noise_gen = torch.Generator().manual_seed(noise_seed)
+        self.noise_gen = generator
         self._optimizer: DPOptimizer | None = None
         self._slots: dict[str, torch.nn.Parameter] = {}
         self.steps_taken = 0
 
-    @classmethod
-    def for_client(cls, cfg: ExperimentConfig, n_users: int, state: dict) -> "PrivateStep":
-        dp = cfg.privacy.local
-        if n_users < 1:
-            raise ValueError("local DP needs at least one training user")
-        q = min(1.0, cfg.algorithm.users_per_step / n_users)
-        saved = state.get("dp")
-        if saved is not None:
-            accountant = UserLevelAccountant.from_state_dict(saved["accountant"])
-            sigma = float(saved["noise_multiplier"])
-            if abs(saved["sample_rate"] - q) > 1e-12:
-                raise ValueError(f"client sample rate changed across restarts ({saved['sample_rate']} "
-                                 f"-> {q}); the saved privacy accounting would no longer hold")
-        else:
-            if dp.delta is None and n_users < 2:
-                raise ValueError("privacy.local.delta: the default 1/users is 1 for a client with one "
-                                 "training user, which protects nothing; set privacy.local.delta")
-            delta = dp.delta if dp.delta is not None else 1.0 / n_users
-            accountant = UserLevelAccountant(dp.mechanism, delta, dp.target_epsilon)
-            total = cfg.runtime.rounds * cfg.algorithm.local_steps
-            sigma = (dp.noise_multiplier if dp.noise_multiplier is not None
-                     else noise_for_budget(dp.target_epsilon, delta, q, total, dp.mechanism))
-            log.info("local DP: n_users=%d q=%.4f delta=%.2e sigma=%.4f C=%.3g over %d planned steps",
-                     n_users, q, delta, sigma, dp.max_grad_norm, total)
-        pending = int(state.get(UNCONFIRMED, 0))
-        for _ in range(pending):     # rounds the server could not confirm: assume spent
-            if accountant.can_afford(sigma, q, cfg.algorithm.local_steps):
-                accountant.step(sigma, q, cfg.algorithm.local_steps)
-        if pending:
-            log.warning("local DP: charged %d unconfirmed round(s) to this client's accountant "
-                        "(epsilon now %.4g)", pending, accountant.epsilon())
-        # noise stream keyed by steps already taken: a resumed run draws what an uninterrupted one would
-        taken = sum(int(h[2]) for h in accountant.state_dict()["history"])
-        seed = (cfg.seed * 1_000_003 + n_users * 7919 + taken) % (2**63)
-        return cls(dp, n_users, q, sigma, accountant, seed)
+    def _account(self) -> None:
+        if self.accountant is not None:
+            self.accountant.step(self.sigma, self.q, 1)
+        self.steps_taken += 1
 
     # ---- Step interface ------------------------------------------------------------------
     def sample(self, n_users: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-        """Poisson sampling: each user independently with probability q (amplification needs it)."""
-        return torch.nonzero(torch.rand(n_users, generator=gen) < self.q).flatten()
+        """Poisson sampling, each user independently with probability q, from the step's own
+        secret generator (never the caller's): amplification needs a sample the server
+        cannot know."""
+        return torch.nonzero(torch.rand(n_users, generator=self.noise_gen) < self.q).flatten()
 
     def affordable(self, steps: int) -> bool:
+        if self.accountant is None:
+            return True
         return self.accountant.can_afford(self.sigma, self.q, steps)
 
     def direction(self, algorithm: Algorithm, params: Params, batch) -> Params:
@@ -122,8 +74,7 @@ class PrivateStep(Step):
 
             direction = ghost_direction(algorithm, params, batch, self.dp.max_grad_norm, self.sigma,
                                         self.expected_batch, self.noise_gen)
-            self.accountant.step(self.sigma, self.q, 1)
-            self.steps_taken += 1
+            self._account()
             return direction
         rows = None
         if n == 0:
@@ -134,8 +85,7 @@ class PrivateStep(Step):
             cut = algorithm.objective.compact(params, batch)
             per_user, rows = algorithm.user_updates(cut.params, cut.batch), cut.rows
         direction = self.privatize(per_user, params, rows)
-        self.accountant.step(self.sigma, self.q, 1)
-        self.steps_taken += 1
+        self._account()
         return direction
 
     def privatize(self, per_user: Params, like: Params,
@@ -190,17 +140,15 @@ class PrivateStep(Step):
                 torch.optim.SGD(list(self._slots.values()), lr=1.0),
                 noise_multiplier=self.sigma, max_grad_norm=self.dp.max_grad_norm,
                 expected_batch_size=self.expected_batch, loss_reduction="mean",
-                generator=self.noise_gen)
+                generator=self.noise_gen, secure_mode=self.dp.secure_mode)
         return self._optimizer
 
     def after_round(self) -> dict[str, float]:
-        return {"epsilon": self.accountant.epsilon(), "noise_multiplier": self.sigma,
-                "sample_rate": self.q, "dp_steps": float(self.steps_taken)}
-
-    def state_dict(self) -> dict:
-        return {"dp": {"accountant": self.accountant.state_dict(), "noise_multiplier": self.sigma,
-                       "sample_rate": self.q},
-                "epsilon": self.accountant.epsilon(), "delta": self.accountant.delta}
+        out = {"noise_multiplier": self.sigma, "sample_rate": self.q,
+               "dp_steps": float(self.steps_taken)}
+        if self.accountant is not None:
+            out.update(epsilon=self.accountant.epsilon(), delta=self.accountant.delta)
+        return out
 
 
 def opacus_hooks_grads(algorithm: Algorithm, params: Params, batch) -> Params:

@@ -1,31 +1,25 @@
-"""Config -> a ready federation: sources, per-domain frames, client partitions, user tasks,
-the shared model and the algorithm. Both runtimes (in-process and Flower) start here, so
-they train exactly the same thing.
+"""Experiment config -> the federation's silos and node configs, built once at start-up.
+
+Only the launcher (``fedmeta-partition``, the simulation engine, the in-process runtime)
+loads the sources and cuts them into silos; nodes then read only their own silo
+(:mod:`fedmeta.data.silo`) and the server only the model's initial parameters.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from fedmeta.algorithms import Algorithm, Objective, build_algorithm
-from fedmeta.config import MODEL_SIZES, ConfigError, ExperimentConfig
+from fedmeta.config import ConfigError, ExperimentConfig
 from fedmeta.data.partition import ClientPartition, partition_domain
 from fedmeta.data.schema import DataError, InteractionData, filter_min_interactions, validate
-from fedmeta.data.tasks import Catalog, ClientTasks, build_client_tasks, user_sequences
-from fedmeta.model.features import HashFeaturizer, TokenizerFeaturizer, featurize_items, with_item_ids
-from fedmeta.model.recommender import (SequenceRecommender, build_model, meta_parameters, minilm_dir,
-                                      private_parameters)
+from fedmeta.data.silo import Silo, make_silos, write_silos
+from fedmeta.model.recommender import build_model, meta_parameters
+from fedmeta.runtime.node import NodeConfig, init_budget, node_configs, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_data(cfg: ExperimentConfig) -> InteractionData:
@@ -63,46 +57,6 @@ def load_data(cfg: ExperimentConfig) -> InteractionData:
     return filter_min_interactions(data, d.min_interactions, source)
 
 
-def featurizer_for(cfg: ExperimentConfig):
-    width = cfg.model.max_tokens_per_item
-    if cfg.model.pretrained == "minilm":
-        from transformers import AutoTokenizer
-
-        return TokenizerFeaturizer(AutoTokenizer.from_pretrained(str(minilm_dir()),
-                                                                 local_files_only=True), width)
-    return HashFeaturizer(MODEL_SIZES[cfg.model.size][4], width)
-
-
-@dataclass
-class Federation:
-    cfg: ExperimentConfig
-    clients: list[ClientTasks]
-    model: SequenceRecommender
-    algorithm: Algorithm
-    device: torch.device
-
-    @property
-    def training_clients(self) -> list[ClientTasks]:
-        return [c for c in self.clients if not c.partition.new_client]
-
-    def initial_parameters(self) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in meta_parameters(self.model).items()}
-
-    def initial_private(self) -> dict[str, torch.Tensor]:
-        """A client's private item table before it trains: zeros (empty without a table).
-
-        Never read back from the live model: the Opacus paths load each client's values into
-        it, so it may hold the last client's table."""
-        return {k: torch.zeros_like(v, device=self.device)
-                for k, v in private_parameters(self.model).items()}
-
-    def client(self, client_id: str) -> ClientTasks:
-        for c in self.clients:
-            if c.client_id == client_id:
-                return c
-        raise KeyError(f"unknown client {client_id!r}; known: {[c.client_id for c in self.clients]}")
-
-
 def partitions(cfg: ExperimentConfig, data: InteractionData) -> list[ClientPartition]:
     out = []
     known = data.domains
@@ -133,37 +87,29 @@ def _dominant_attribute(data: InteractionData):
     return lab.groupby("user")["label"].agg(lambda s: s.value_counts().index[0])
 
 
-def build_federation(cfg: ExperimentConfig, data: InteractionData | None = None) -> Federation:
+def build_silos(cfg: ExperimentConfig, data: InteractionData | None = None) -> list[Silo]:
+    """Sources -> frames -> one silo per client, in federation order."""
     data = data if data is not None else load_data(cfg)
-    featurizer = featurizer_for(cfg)
-    catalogs, seqs = {}, {}
-    for domain in data.domains:
-        dom = data.domain(domain)
-        items = dom.items.sort_values("item", kind="stable").reset_index(drop=True)
-        feats = featurize_items(items, featurizer, dom.attribute_columns)
-        if cfg.model.private_item_embeddings:
-            feats = with_item_ids(feats)
-        catalogs[domain] = Catalog(domain, items["item"].tolist(), feats)
-        seqs[domain] = user_sequences(dom.interactions, catalogs[domain])
-    clients = []
-    for i, part in enumerate(partitions(cfg, data)):
-        d = cfg.data
-        clients.append(build_client_tasks(part, seqs[part.domain], catalogs[part.domain],
-                                          d.max_len, d.support_fraction, d.n_test, d.k_shot,
-                                          d.max_eval_users, seed=cfg.seed + i))
-    if cfg.runtime.threads > 0:   # oversubscribed CPUs make torch's default far slower than 1 thread
-        torch.set_num_threads(cfg.runtime.threads)
-    device = resolve_device(cfg.runtime.device)
-    private_rows = (max(c.n_items for c in catalogs.values()) + 3
-                    if cfg.model.private_item_embeddings else 0)   # items, PAD, BOS, id 0
-    model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed,
-                        private_rows=private_rows).to(device)
-    model.train()
-    algorithm = build_algorithm(cfg.algorithm, Objective(model))
-    log.info("federation: %d clients (%d training), %d catalogue items, model %s with %d "
-             "meta-parameters (+%d private per client) on %s", len(clients),
-             sum(not c.partition.new_client for c in clients),
-             sum(c.n_items for c in catalogs.values()), cfg.model.size,
-             sum(p.numel() for p in meta_parameters(model).values()),
-             sum(p.numel() for p in private_parameters(model).values()), device)
-    return Federation(cfg, clients, model, algorithm, device)
+    return make_silos(data, partitions(cfg, data))
+
+
+def initial_parameters(cfg: ExperimentConfig, device: torch.device | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """The seeded initial meta-parameters: built from the run config alone, no user data."""
+    model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed)
+    return {k: v.detach().clone().to(device or "cpu") for k, v in meta_parameters(model).items()}
+
+
+def prepare_nodes(cfg: ExperimentConfig, silos: list[Silo], silo_root: str | Path,
+                  state_root: str | Path, fresh: bool, write: bool = True) -> list[NodeConfig]:
+    """Write every silo and derive every node's own config, once, at start-up.
+
+    ``fresh``: a new experiment, so each DP node's privacy budget is created; a resumed one
+    keeps the budgets its nodes' ledgers hold (and a node whose ledger is gone refuses)."""
+    if write:
+        write_silos(silos, silo_root)
+    configs = node_configs(cfg, [s.client_id for s in silos], silo_root, state_root)
+    if fresh and cfg.privacy.local.enabled:
+        for nc, silo in zip(configs, silos):
+            init_budget(nc, silo, reset=Path(nc.state_dir).exists())
+    return configs

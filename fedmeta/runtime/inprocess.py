@@ -1,91 +1,72 @@
-"""The in-process runtime: a plain loop over rounds and clients, no Flower.
+"""The in-process runtime: the round driver with function calls instead of messages.
 
-It is the reference the Flower runtime is measured against, and what the tests drive:
-the same :class:`ClientRunner` and :class:`MetaServer` objects Flower's apps call, with
-function calls instead of messages.
+The reference the Flower runtimes are measured against, and what most tests drive: the
+same :class:`~fedmeta.runtime.driver.RoundDriver` and :class:`~fedmeta.runtime.node.Node`
+objects the Flower apps use. Silos are built in memory (no partition files), but each
+node still keeps its privacy ledger and private tables in its own state directory under
+the run directory, exactly as a simulated or deployed node does.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-import torch
-
+from fedmeta.algorithms.base import ClientUpdate
 from fedmeta.config import ExperimentConfig
+from fedmeta.data.silo import ClientEntry, Silo
 from fedmeta.runtime import checkpoint
-from fedmeta.runtime.client import ClientRunner
-from fedmeta.runtime.federation import Federation, build_federation
-from fedmeta.runtime.results import Recorder, progress_line, write_outputs
-from fedmeta.runtime.server import MetaServer, select_clients
+from fedmeta.runtime.driver import RoundDriver
+from fedmeta.runtime.federation import build_silos, initial_parameters, prepare_nodes
+from fedmeta.runtime.node import Node
 
 log = logging.getLogger(__name__)
 
 
-def nbytes(params: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in params.values())
+class InProcessTransport:
+    """Calls each node directly; a raising node becomes that client's failed reply."""
+
+    name = "inprocess"
+
+    def __init__(self, nodes: list[Node]):
+        self.nodes = {n.client_id: n for n in nodes}
+        self.order = [n.client_id for n in nodes]
+
+    def clients(self) -> list[ClientEntry]:
+        return [ClientEntry(cid, self.nodes[cid].tasks.partition.domain,
+                            bool(self.nodes[cid].tasks.partition.new_client), i)
+                for i, cid in enumerate(self.order)]
+
+    def _each(self, what: str, server_round: int, params, run, client_ids):
+        out = {}
+        for cid in client_ids:
+            try:
+                out[cid] = getattr(self.nodes[cid], what)(params, server_round, run)
+            except Exception as err:  # a failing client is dropped, not fatal
+                log.exception("client %s failed to %s in round %d", cid, what, server_round)
+                out[cid] = err
+        return out
+
+    def train(self, server_round, params, run, client_ids) -> dict[str, ClientUpdate | Exception]:
+        return self._each("train", server_round, params, run, client_ids)
+
+    def evaluate(self, server_round, params, run, client_ids):
+        return self._each("evaluate", server_round, params, run, client_ids)
 
 
-def is_eval_round(cfg: ExperimentConfig, server_round: int) -> bool:
-    every = cfg.runtime.eval_every
-    return server_round == cfg.runtime.rounds or (every > 0 and server_round % every == 0)
+def build_nodes(cfg: ExperimentConfig, out_dir: Path, silos: list[Silo] | None = None) -> list[Node]:
+    silos = silos if silos is not None else build_silos(cfg)
+    fresh = not (cfg.runtime.resume and checkpoint.exists(out_dir / "checkpoint"))
+    state_root = Path(cfg.runtime.client_state_dir or out_dir / "nodes")
+    configs = prepare_nodes(cfg, silos, out_dir / "silos", state_root, fresh, write=False)
+    return [Node(nc, silo) for nc, silo in zip(configs, silos)]
 
 
-def run(cfg: ExperimentConfig, out_dir: str | Path, fed: Federation | None = None,
+def run(cfg: ExperimentConfig, out_dir: str | Path, nodes: list[Node] | None = None,
         stop_after: int | None = None, echo=print) -> dict:
     """Train for ``cfg.runtime.rounds`` rounds (or stop after ``stop_after``, to simulate a kill)."""
     out_dir = Path(out_dir)
-    fed = fed or build_federation(cfg)
-    server = MetaServer(cfg, fed.initial_parameters())
-    recorder, states, start = Recorder(), {}, 1
-    private: dict[str, dict[str, torch.Tensor]] = {}   # client-side only: never aggregated
-    ckpt_dir = out_dir / "checkpoint"
-    if cfg.runtime.resume and checkpoint.exists(ckpt_dir):
-        ck = checkpoint.load(ckpt_dir)
-        server.optimizer.load_state_dict({k: v.to(fed.device) for k, v in ck["params"].items()},
-                                         ck["optimizer"])
-        torch.set_rng_state(ck["torch_rng"])
-        states, recorder.rows, recorder.rounds = ck["client_states"], ck["rows"], ck["rounds"]
-        private = {cid: {k: v.to(fed.device) for k, v in t.items()}
-                   for cid, t in ck["client_private"].items()}
-        start = ck["round"] + 1
-        echo(f"resuming from round {ck['round']} ({ckpt_dir})")
-    runners = {c.client_id: ClientRunner(fed, c.client_id) for c in fed.clients}
-    train_ids = [c.client_id for c in fed.training_clients]
-    for rnd in range(start, cfg.runtime.rounds + 1):
-        t0 = time.time()
-        params = server.params
-        replies = {}
-        for cid in select_clients(train_ids, cfg.runtime.fraction_train, cfg.seed, rnd):
-            try:
-                replies[cid], states[cid] = runners[cid].train(params, rnd, states.get(cid),
-                                                               private.get(cid))
-                if replies[cid].private:
-                    private[cid] = replies[cid].private
-            except Exception as err:  # a failing client is dropped, not fatal
-                log.exception("client %s failed in round %d", cid, rnd)
-                replies[cid] = err
-        outcome = server.aggregate(replies)
-        for cid, reply in replies.items():
-            if not isinstance(reply, Exception):
-                recorder.train_rows(rnd, cid, runners[cid].tasks.catalog.domain, reply.metrics)
-        if is_eval_round(cfg, rnd):
-            for runner in runners.values():
-                recorder.eval_rows(runner.evaluate(outcome.params, rnd,
-                                                   private.get(runner.client_id)))
-        seconds = time.time() - t0
-        recorder.rounds.append({"round": rnd, "seconds": seconds,
-                                "bytes_sent": nbytes(params) * len(replies),
-                                "bytes_received": sum(nbytes(r.delta) for r in replies.values()
-                                                      if not isinstance(r, Exception)),
-                                "clients": len(replies), "accepted": outcome.accepted,
-                                "failures": outcome.failures})
-        echo(progress_line(rnd, cfg.runtime.rounds, seconds, recorder.frame(),
-                           len(outcome.accepted), len(outcome.failures)))
-        if rnd % cfg.runtime.checkpoint_every == 0 or rnd == cfg.runtime.rounds:
-            checkpoint.save(ckpt_dir, rnd, outcome.params, server.optimizer.state_dict(), states,
-                            recorder.rows, recorder.rounds, cfg, client_private=private)
-        if stop_after is not None and rnd >= stop_after:
-            return {"stopped_at": rnd}
-    return write_outputs(out_dir, cfg, recorder, states, {"runtime": "inprocess"})
+    nodes = nodes if nodes is not None else build_nodes(cfg, out_dir)
+    driver = RoundDriver(cfg, InProcessTransport(nodes), out_dir,
+                         initial_parameters(cfg, nodes[0].device), echo=echo)
+    return driver.run(stop_after)

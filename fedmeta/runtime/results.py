@@ -60,11 +60,16 @@ def domain_table(frame: pd.DataFrame, server_round: int | None = None) -> pd.Dat
 
 
 def progress_line(server_round: int, rounds: int, seconds: float, frame: pd.DataFrame,
-                  accepted: int, failures: int) -> str:
+                  accepted: int, failures: int, elapsed: float | None = None) -> str:
     tr = frame[(frame["phase"] == "train") & (frame["round"] == server_round)]
     loss = tr.loc[tr["metric"] == "train_query_loss", "value"].mean()
-    parts = [f"round {server_round}/{rounds}", f"{seconds:.1f}s", f"clients {accepted}",
-             f"failures {failures}", f"query-loss {loss:.4f}"]
+    parts = [f"round {server_round}/{rounds}", f"{seconds:.1f}s"]
+    if elapsed is not None:
+        eta = elapsed / server_round * (rounds - server_round) if server_round else 0.0
+        parts.append(f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+    parts += [f"clients ok {accepted}", f"failed {failures}"]
+    if loss == loss:          # not NaN: DP nodes do not report their training loss
+        parts.append(f"query-loss {loss:.4f}")
     eps = tr.loc[tr["metric"] == "epsilon", "value"]
     if len(eps):
         parts.append(f"max-eps {eps.max():.3f}")
@@ -76,7 +81,7 @@ def progress_line(server_round: int, rounds: int, seconds: float, frame: pd.Data
     return " | ".join(parts)
 
 
-def write_outputs(out_dir: Path, cfg, recorder: Recorder, client_states: dict[str, dict],
+def write_outputs(out_dir: Path, cfg, recorder: Recorder, client_privacy: dict[str, dict],
                   extra: dict | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,17 +92,17 @@ def write_outputs(out_dir: Path, cfg, recorder: Recorder, client_states: dict[st
     for _, r in table.iterrows():
         final.setdefault(r["domain"], {}).setdefault(r["population"], {}).setdefault(
             r["stage"], {})[r["metric"]] = r["value"]
-    # None: a client charged rounds it never confirmed before its noise was known (see
-    # fedmeta.privacy.local.charge_unconfirmed_round) -- listed, not silently left out
-    eps = {cid: s.get("epsilon") for cid, s in client_states.items()
-           if "epsilon" in s or "unconfirmed_rounds" in s}
     summary = {
         "config": to_dict(cfg),
         "final_metrics": final,
         "wall_time_s": time.time() - recorder.started,
         "rounds": recorder.rounds,
         "failures_total": sum(len(r.get("failures", {})) for r in recorder.rounds),
-        "client_epsilon": eps,
+        # as each node last reported it; its own ledger is the authority
+        "client_epsilon": {c: p.get("epsilon") for c, p in sorted(client_privacy.items())},
+        "client_delta": {c: p.get("delta") for c, p in sorted(client_privacy.items())},
+        "private_against_server": {c: bool(p.get("private_against_server", 1.0))
+                                   for c, p in sorted(client_privacy.items())},
         **(extra or {}),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))

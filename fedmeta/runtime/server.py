@@ -8,14 +8,13 @@ because one broken client must not poison the meta-parameters of everyone.
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from fedmeta.algorithms.base import ClientUpdate, ServerOptimizer
 from fedmeta.config import ExperimentConfig
+from fedmeta.privacy.randomness import numpy_generator
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +24,19 @@ class RoundOutcome:
     params: dict[str, torch.Tensor]
     accepted: list[str]
     failures: dict[str, str] = field(default_factory=dict)
+    central: dict | None = None
 
 
-def select_clients(client_ids: list[str], fraction: float, seed: int, server_round: int) -> list[str]:
-    """Seeded per round, so a resumed run selects what the uninterrupted run selected."""
+def select_clients(client_ids: list[str], fraction: float, seed: int | None, server_round: int,
+                   secret: bytes | None = None) -> list[str]:
+    """The round's training clients: all of them at fraction 1, else a random subset drawn
+    from the OS CSPRNG, or from HMAC(secret, round) when the server has a reproducibility
+    secret (never from the public run seed: a sample the clients could predict is one the
+    server could be made to replay)."""
     k = max(1, round(len(client_ids) * fraction))
-    rng = np.random.default_rng(zlib.crc32(f"{seed}/select/{server_round}".encode()))
+    if k >= len(client_ids):
+        return sorted(client_ids)
+    rng = numpy_generator(secret, f"server/select/{server_round}")
     return sorted(rng.choice(sorted(client_ids), size=k, replace=False).tolist())
 
 
@@ -60,7 +66,11 @@ class MetaServer:
     def params(self) -> dict[str, torch.Tensor]:
         return self.optimizer.current()
 
-    def aggregate(self, replies: dict[str, ClientUpdate | Exception]) -> RoundOutcome:
+    def aggregate(self, replies: dict[str, ClientUpdate | Exception], central=None,
+                  server_round: int = 0) -> RoundOutcome:
+        """Validate, then the server step; with ``central`` (a
+        :class:`~fedmeta.privacy.central.CentralDP`) every training client weighs the same and
+        the optimiser acts on the clipped, noised mean."""
         reference = self.optimizer.params
         good, failures = [], {}
         for cid, reply in sorted(replies.items()):
@@ -75,6 +85,10 @@ class MetaServer:
         if len(good) < self.cfg.runtime.min_clients:
             raise RuntimeError(f"only {len(good)} valid replies, runtime.min_clients="
                                f"{self.cfg.runtime.min_clients}; failures: {failures}")
-        if training:
+        info = None
+        if training and central is not None:
+            mean, info = central.aggregate([u.delta for _, u in training], server_round)
+            self.optimizer.step([ClientUpdate(mean, 1)])
+        elif training:
             self.optimizer.step([u for _, u in training])
-        return RoundOutcome(self.params, [cid for cid, _ in training], failures)
+        return RoundOutcome(self.params, [cid for cid, _ in training], failures, info)

@@ -1,0 +1,317 @@
+"""A node: one client silo, configured by its operator, trained on what the server sends.
+
+A node owns what is private. Its :class:`NodeConfig` (the node's own file in deployment,
+derived once by the simulation engine, or built directly in-process) says which silo it
+serves, where that silo's data and the node's state live, its device and its privacy
+settings. The server sends only global arrays, the round and the run-level
+hyper-parameters (:func:`fedmeta.config.run_config`); the node trains only when those equal
+the run config it was started with, so a server cannot switch its model, its schedule or
+its sampling, and it never sends anything that decides what data is read or how private an
+update is.
+
+Under local DP the node's ledger (:mod:`fedmeta.privacy.ledger`) charges a round before
+training it, and all of the round's randomness comes from a generator seeded from the OS
+CSPRNG (or from the node's own reproducibility secret). What leaves a DP node: the update
+(post-processing of privatised steps), a constant weight (1: a task count would be an
+un-noised statistic of its users), epsilon/delta/noise settings and whether the budget is
+exhausted, and the metrics of evaluation-only users (cold-start users, or every user of a
+new client). Training users' (warm) metrics and the raw training loss stay on the node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from fedmeta.algorithms import build_algorithm
+from fedmeta.algorithms.base import ClientUpdate, Step
+from fedmeta.algorithms.objective import Objective
+from fedmeta.config import (MODEL_SIZES, ConfigError, ExperimentConfig, LocalDPConfig, resolve,
+                            run_config, run_config_diff, to_dict)
+from fedmeta.data.silo import Silo, read_silo
+from fedmeta.data.tasks import Catalog, build_client_tasks, user_sequences
+from fedmeta.eval.protocol import evaluate_client
+from fedmeta.model.features import HashFeaturizer, TokenizerFeaturizer, featurize_items, with_item_ids
+from fedmeta.model.recommender import build_model, minilm_dir, private_parameters
+from fedmeta.privacy.accounting import BudgetExceededError
+from fedmeta.privacy.ledger import LedgerError, PrivacyLedger, make_plan
+from fedmeta.privacy.randomness import check_secret, torch_generator
+from fedmeta.runtime.private_store import PrivateStore
+
+log = logging.getLogger(__name__)
+
+#: the only metrics a DP node's training reply may carry (anything else stays on the node)
+DP_REPLY_METRICS = frozenset({"epsilon", "delta", "noise_multiplier", "sample_rate", "dp_steps",
+                              "budget_exhausted", "private_against_server"})
+
+
+class RunMismatch(ValueError):
+    """The server's run-level config contradicts the node's own."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} but no CUDA device is available here")
+    return torch.device(name)
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node operator decides; nothing here ever comes from the server."""
+
+    client_id: str
+    silo_dir: str
+    state_dir: str
+    run: dict
+    privacy: LocalDPConfig = field(default_factory=LocalDPConfig)
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.privacy, dict):
+            known = {f.name for f in fields(LocalDPConfig)}
+            unknown = sorted(set(self.privacy) - known)
+            if unknown:
+                raise ConfigError(f"privacy: unknown key(s) {unknown}; valid: {sorted(known)}")
+            self.privacy = LocalDPConfig(**self.privacy)
+        if not self.client_id:
+            raise ConfigError("client_id: must not be empty")
+        if not isinstance(self.run, dict):
+            raise ConfigError("run: must be the run-level config (a mapping)")
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=1, sort_keys=True)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NodeConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: node config file not found")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {unknown}; valid: {sorted(known)}")
+        try:
+            return cls(**raw)
+        except TypeError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+def node_configs(cfg: ExperimentConfig, client_ids: list[str], silo_root: str | Path,
+                 state_root: str | Path) -> list[NodeConfig]:
+    """The simulation engine's one-time derivation of every node's own config."""
+    run = run_config(cfg)
+    return [NodeConfig(cid, str(Path(silo_root) / cid.replace("/", "_")),
+                       str(Path(state_root) / cid.replace("/", "_")), run,
+                       LocalDPConfig(**to_dict(cfg.privacy.local)), cfg.runtime.device,
+                       cfg.runtime.threads)
+            for cid in client_ids]
+
+
+def featurizer_for(cfg: ExperimentConfig):
+    width = cfg.model.max_tokens_per_item
+    if cfg.model.pretrained == "minilm":
+        from transformers import AutoTokenizer
+
+        return TokenizerFeaturizer(AutoTokenizer.from_pretrained(str(minilm_dir()),
+                                                                 local_files_only=True), width)
+    return HashFeaturizer(MODEL_SIZES[cfg.model.size][4], width)
+
+
+def experiment_view(nc: NodeConfig) -> ExperimentConfig:
+    """The node's run config as a validated :class:`ExperimentConfig` (privacy: the node's)."""
+    run = nc.run
+    try:
+        return resolve({"seed": run["seed"], "model": run["model"], "algorithm": run["algorithm"],
+                        "data": dict(run["tasks"]), "runtime": {"rounds": run["rounds"],
+                                                                "device": nc.device},
+                        "privacy": {"local": to_dict(nc.privacy)}})
+    except KeyError as err:
+        raise ConfigError(f"run: missing key {err.args[0]!r}") from None
+
+
+class Node:
+    """One silo's training and evaluation, behind whatever transport delivers messages."""
+
+    def __init__(self, nc: NodeConfig, silo: Silo | None = None):
+        self.nc = nc
+        self.cfg = experiment_view(nc)
+        self.secret = check_secret(nc.privacy.reproducible_secret,
+                                   "privacy.local.reproducible_secret")
+        self.device = resolve_device(nc.device)
+        if nc.threads > 0:
+            torch.set_num_threads(nc.threads)
+        silo = silo if silo is not None else read_silo(nc.silo_dir)
+        if silo.client_id != nc.client_id:
+            raise ConfigError(f"silo_dir: {nc.silo_dir} holds client {silo.client_id!r}, "
+                              f"not {nc.client_id!r}")
+        self.tasks = build_tasks(self.cfg, silo)
+        private_rows = self.tasks.catalog.n_items + 3 if self.cfg.model.private_item_embeddings else 0
+        self.model = build_model(self.cfg.model, self.cfg.data.max_len, seed=self.cfg.seed,
+                                 private_rows=private_rows).to(self.device)
+        self.model.train()
+        self.algorithm = build_algorithm(self.cfg.algorithm, Objective(self.model))
+        self.store = PrivateStore(Path(nc.state_dir) / "private", nc.client_id,
+                                  keep=2) if private_rows else None
+        self._private: tuple[int, dict[str, torch.Tensor]] | None = None
+        log.info("node %s: %d training users, %d cold users, %d catalogue items, device %s, "
+                 "local DP %s", nc.client_id, len(self.tasks.train), len(silo.partition.cold_users),
+                 self.tasks.catalog.n_items, self.device, "on" if self.dp else "off")
+
+    @property
+    def client_id(self) -> str:
+        return self.nc.client_id
+
+    @property
+    def dp(self) -> bool:
+        return self.nc.privacy.enabled
+
+    def describe(self) -> dict:
+        p = self.tasks.partition
+        return {"client-id": p.client_id, "domain": p.domain, "new-client": bool(p.new_client)}
+
+    # ---- the server's side of the contract -----------------------------------------------
+    def check_run(self, run) -> None:
+        diff = run_config_diff(self.nc.run, run)
+        if diff:
+            raise RunMismatch(f"node {self.client_id}: the server's run config contradicts this "
+                              f"node's own at {diff[:8]}; refusing the message")
+
+    # ---- privacy -------------------------------------------------------------------------
+    def plan(self, solve: bool = True):
+        return plan_for(self.nc, self.cfg, len(self.tasks.train), solve)
+
+    def ledger(self) -> PrivacyLedger:
+        return PrivacyLedger.open(self.nc.state_dir, self.client_id, self.plan(solve=False))
+
+    def privacy_report(self, ledger: PrivacyLedger) -> dict[str, float]:
+        return {"epsilon": ledger.epsilon(), "delta": ledger.plan.delta,
+                "noise_multiplier": ledger.plan.noise_multiplier,
+                "sample_rate": ledger.plan.sample_rate,
+                "private_against_server": 0.0 if self.secret is not None else 1.0}
+
+    # ---- private item table ----------------------------------------------------------------
+    def _load_private(self, before_round: int) -> dict[str, torch.Tensor] | None:
+        if self.store is None:
+            return None
+        if self._private is not None and self._private[0] < before_round:
+            return self._private[1]
+        found = self.store.load(before_round)
+        return None if found is None else {k: v.to(self.device) for k, v in found[1].items()}
+
+    def _private_or_zero(self, before_round: int) -> dict[str, torch.Tensor]:
+        table = self._load_private(before_round)
+        if table is not None:
+            return table
+        return {k: torch.zeros_like(v, device=self.device)
+                for k, v in private_parameters(self.model).items()}
+
+    # ---- rounds ------------------------------------------------------------------------------
+    def train(self, params: dict[str, torch.Tensor], server_round: int, run) -> ClientUpdate:
+        self.check_run(run)
+        if len(self.tasks.train) == 0:
+            raise ValueError(f"client {self.client_id} has no training tasks")
+        params = {k: v.to(self.device) for k, v in params.items()}
+        private = self._private_or_zero(server_round)
+        steps = self.cfg.algorithm.local_steps
+        if self.dp:
+            ledger = self.ledger()
+            report = self.privacy_report(ledger)
+            nonce = ledger.steps_charged
+            try:
+                ledger.charge(steps)          # durable before the first step is taken
+            except BudgetExceededError:
+                log.warning("client %s: round %d would exceed its privacy budget; it stops "
+                            "training (and keeps evaluating)", self.client_id, server_round)
+                zero = {k: torch.zeros_like(v) for k, v in params.items()}
+                return ClientUpdate(zero, 0, {**report, "budget_exhausted": 1.0})
+            from fedmeta.privacy.local import PrivateStep
+
+            gen = torch_generator(self.secret, f"{self.client_id}/train/{nonce}")
+            step: Step = PrivateStep(self.nc.privacy, len(self.tasks.train),
+                                     ledger.plan.sample_rate, ledger.plan.noise_multiplier, gen)
+        else:
+            gen = torch.Generator().manual_seed(
+                zlib.crc32(f"{self.cfg.seed}/{self.client_id}/{server_round}/train".encode()))
+            step = Step()
+        update = self.algorithm.client_update(params, self.tasks, gen, step, self.device, private)
+        if self.store is not None and update.private:
+            self.store.save(server_round, update.private)
+            self._private = (server_round, update.private)
+        if self.dp:
+            metrics = {**self.privacy_report(ledger), "dp_steps": float(step.steps_taken),
+                       "budget_exhausted": 0.0}
+            update = ClientUpdate(update.delta, 1, metrics)
+        return ClientUpdate(update.delta, update.num_tasks, update.metrics)
+
+    def evaluate(self, params: dict[str, torch.Tensor], server_round: int, run) -> list[dict]:
+        self.check_run(run)
+        params = {**{k: v.to(self.device) for k, v in params.items()},
+                  **self._private_or_zero(server_round + 1)}
+        seed = zlib.crc32(f"{self.cfg.seed}/{self.client_id}/eval".encode())
+        rows = evaluate_client(self.algorithm, params, self.tasks, self.cfg.algorithm.eval_steps,
+                               seed, self.device)
+        if self.dp:     # training users' metrics are not noised: they stay on the node
+            rows = [r for r in rows if r["population"] != "warm"]
+        for r in rows:
+            r["round"] = server_round
+        return rows
+
+
+def build_tasks(cfg: ExperimentConfig, silo: Silo):
+    """Silo -> the node's user tasks (catalogue features, support/query splits)."""
+    d, featurizer = cfg.data, featurizer_for(cfg)
+    dom = silo.data
+    items = dom.items.sort_values("item", kind="stable").reset_index(drop=True)
+    feats = featurize_items(items, featurizer, dom.attribute_columns)
+    if cfg.model.private_item_embeddings:
+        feats = with_item_ids(feats)
+    catalog = Catalog(silo.partition.domain, items["item"].tolist(), feats)
+    seqs = user_sequences(dom.interactions, catalog)
+    seed = cfg.seed + zlib.crc32(silo.client_id.encode()) % 100_003
+    return build_client_tasks(silo.partition, seqs, catalog, d.max_len, d.support_fraction,
+                              d.n_test, d.k_shot, d.max_eval_users, seed=seed)
+
+
+def plan_for(nc: NodeConfig, cfg: ExperimentConfig, n_users: int, solve: bool = True):
+    planned = cfg.runtime.rounds * cfg.algorithm.local_steps
+    return make_plan(nc.privacy, n_users, cfg.algorithm.users_per_step, planned, solve=solve)
+
+
+def init_budget(nc: NodeConfig, silo: Silo | None = None, reset: bool = False) -> PrivacyLedger | None:
+    """Create (or, explicitly, reset) a DP node's privacy budget on its own disk.
+
+    The operator's act (``fedmeta-node init``/``reset-budget``), or the simulation engine's
+    when it starts a fresh experiment; a node never does it by itself."""
+    if not nc.privacy.enabled:
+        return None
+    cfg = experiment_view(nc)
+    silo = silo if silo is not None else read_silo(nc.silo_dir)
+    tasks = build_tasks(cfg, silo)
+    if len(tasks.train) == 0:
+        return None                  # a new client never trains: nothing to account
+    return PrivacyLedger.create(nc.state_dir, nc.client_id, plan_for(nc, cfg, len(tasks.train)),
+                                reset=reset)
+
+
+__all__ = ["DP_REPLY_METRICS", "LedgerError", "Node", "NodeConfig", "RunMismatch", "build_tasks",
+           "init_budget", "node_configs", "resolve_device"]
