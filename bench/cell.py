@@ -9,7 +9,10 @@ import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
+
+from pathlib import Path
 
 import torch
 
@@ -28,20 +31,21 @@ def dp_cell(spec: dict) -> dict:
     from fedmeta.config import LocalDPConfig
     from fedmeta.privacy.accounting import UserLevelAccountant
     from fedmeta.privacy.local import PrivateStep
-    from fedmeta.runtime.federation import build_federation
+    from fedmeta.runtime.federation import initial_parameters
+    from fedmeta.runtime.inprocess import build_nodes
 
     torch.set_num_threads(1)
     cfg = _compose(["data=synthetic_small", f"model={spec['size']}", "algorithm=fedavg",
-                    "data.max_eval_users=1"])
-    fed = build_federation(cfg)
-    client = fed.training_clients[0]
+                    "data.max_eval_users=1", "privacy=none"])
+    node = build_nodes(cfg, Path(tempfile.mkdtemp(prefix="fedmeta-bench-")))[0]
+    client = node.tasks
     n = spec["users"]
     idx = torch.arange(n) % len(client.train)
     gen = torch.Generator().manual_seed(0)
     batch = Objective.batch(client.train.subset(idx), client.catalog, cfg.algorithm.negatives,
-                            gen, fed.device)
-    params = fed.initial_parameters()
-    algo = fed.algorithm
+                            gen, node.device)
+    params = initial_parameters(cfg, node.device)
+    algo = node.algorithm
     mode = spec["mode"]
 
     def plain():
@@ -53,7 +57,7 @@ def dp_cell(spec: dict) -> dict:
         dp = LocalDPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0,
                            grad_sample_mode=mode)
         private = PrivateStep(dp, len(client.train), min(1.0, n / len(client.train)), 1.0,
-                              UserLevelAccountant("rdp", 1e-5), noise_seed=0)
+                              torch.Generator().manual_seed(0), UserLevelAccountant("rdp", 1e-5))
 
         def step():
             private.direction(algo, params, batch)
@@ -82,9 +86,10 @@ def dp_cell(spec: dict) -> dict:
 
 def scale_cell(spec: dict) -> dict:
     """Data build + one training round over every client, fixed work per client."""
+    from fedmeta.config import run_config
     from fedmeta.data.synthetic import SyntheticConfig, scaled
-    from fedmeta.runtime.client import ClientRunner
-    from fedmeta.runtime.federation import build_federation, load_data
+    from fedmeta.runtime.federation import build_silos, initial_parameters, load_data
+    from fedmeta.runtime.inprocess import build_nodes
 
     torch.set_num_threads(1)
     syn = scaled(SyntheticConfig(), spec["interactions"])
@@ -99,20 +104,23 @@ def scale_cell(spec: dict) -> dict:
     t0 = time.perf_counter()
     data = load_data(cfg)
     t_data = time.perf_counter() - t0
-    fed = build_federation(cfg, data)
+    nodes = build_nodes(cfg, Path(tempfile.mkdtemp(prefix="fedmeta-bench-")),
+                        build_silos(cfg, data))
     t_build = time.perf_counter() - t0 - t_data
     n_rows = len(data.interactions)
     del data
     rss_built = current_rss_mb()
-    params = fed.initial_parameters()
+    params = initial_parameters(cfg, nodes[0].device)
     t1 = time.perf_counter()
-    active = [c for c in fed.training_clients if len(c.train)]   # the runtimes drop the rest
-    for c in active:
-        ClientRunner(fed, c.client_id).train(params, 1, None)
+    training = [n for n in nodes if not n.tasks.partition.new_client]
+    active = [n for n in training if len(n.tasks.train)]   # the runtimes drop the rest
+    run = run_config(cfg)
+    for n in active:
+        n.train(params, 1, run)
     t_round = time.perf_counter() - t1
-    largest = max(len(c.train) for c in active)
+    largest = max(len(n.tasks.train) for n in active)
     return {"interactions": n_rows, "clients": len(active),
-            "without_tasks": len(fed.training_clients) - len(active), "data_s": t_data,
+            "without_tasks": len(training) - len(active), "data_s": t_data,
             "build_s": t_build, "round_s": t_round, "rss_built_mb": rss_built,
             "peak_rss_mb": max_rss_mb(), "largest_client_users": largest}
 

@@ -13,13 +13,17 @@ from bench.common import median_time, table
 
 
 def setup():
-    from fedmeta.runtime.federation import build_federation
+    import tempfile
+    from pathlib import Path
+
+    from fedmeta.runtime.federation import initial_parameters
     from fedmeta.runtime.hydra_config import compose
+    from fedmeta.runtime.inprocess import build_nodes
 
     cfg = compose(["runtime=inprocess", "runtime.device=cpu", "data=synthetic_small",
-                   "algorithm=maml", "data.max_eval_users=1"])
-    fed = build_federation(cfg)
-    return fed, fed.training_clients[0], fed.initial_parameters()
+                   "algorithm=maml", "data.max_eval_users=1", "privacy=none"])
+    node = build_nodes(cfg, Path(tempfile.mkdtemp(prefix="fedmeta-bench-")))[0]
+    return node, node.tasks, initial_parameters(cfg, node.device)
 
 
 def batch_of(fed, client, n: int):

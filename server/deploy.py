@@ -104,7 +104,9 @@ class Deployment:
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
 
-    def start(self, n_nodes: int) -> None:
+    def start(self, n_nodes: int, nodes_dir: Path | None = None) -> None:
+        """``nodes_dir``: node files ``node-<i>.json``; SuperNode i is given only its own."""
+        self.nodes_dir = nodes_dir
         if n_nodes < 1:
             raise DeployError(f"--nodes: need at least one SuperNode, got {n_nodes}")
         self.start_superlink()
@@ -184,11 +186,12 @@ class Deployment:
 
     def start_supernode(self, index: int, n_nodes: int, private_key: Path | None,
                         name: str | None = None) -> Proc:
+        node_file = (getattr(self, "nodes_dir", None) or self.workdir / "nodes") / f"node-{index}.json"
         argv = [str(self.bin / "flower-supernode"), "--superlink", self.address,
                 "--port", str(free_port()),
-                # state-dir: the node's own disk, where a private item table survives restarts
+                # the node's own config: its silo, its state dir, its privacy settings
                 "--node-config", f"partition-id={index} num-partitions={n_nodes} "
-                                 f"state-dir=\"{self.workdir / 'nodes' / str(index)}\""]
+                                 f"fedmeta-node=\"{node_file}\""]
         if self.insecure:
             argv.append("--insecure")
         else:
@@ -305,15 +308,8 @@ def deployment_overrides(overrides: Sequence[str]) -> list[str]:
     return ["runtime=deployment", *(o for o in overrides if o.partition("=")[0] != "runtime")]
 
 
-def node_count(cfg: ExperimentConfig) -> int:
-    """One SuperNode per fedmeta client, held-out new clients included."""
-    if any(c.scheme == "user" for c in cfg.data.clients):
-        raise ConfigError("data.clients.scheme: 'user' makes one client per user, a count known "
-                          "only after loading data; pass --nodes explicitly")
-    return sum(c.n_clients for c in cfg.data.clients)
-
-
-def app_run_config(app_dir: str | Path, overrides: Sequence[str], run_dir: Path) -> dict:
+def app_run_config(app_dir: str | Path, overrides: Sequence[str], run_dir: Path,
+                   federation: Path | None = None) -> dict:
     """The run config for the app: only keys its pyproject declares (``flwr run`` rejects
     others), and the overrides key is required - without it the ServerApp would silently run
     the default experiment."""
@@ -330,6 +326,8 @@ def app_run_config(app_dir: str | Path, overrides: Sequence[str], run_dir: Path)
     out = {OVERRIDES_KEY: shlex.join(overrides)}
     if OUTPUT_KEY in declared:
         out[OUTPUT_KEY] = str(run_dir)
+    if federation is not None:
+        out["federation"] = str(federation)
     return out
 
 
@@ -342,15 +340,19 @@ def deploy(overrides: Sequence[str], workdir: str | Path, nodes: int | None = No
     ``after_run`` is called with the still-running deployment once the run completed."""
     from fedmeta.runtime.hydra_config import compose
 
+    from server.simulate import prepare
+
     overrides, run_dir = run_dir_for(deployment_overrides(overrides))
     cfg = compose(overrides)                       # ConfigError before any process starts
-    n = nodes if nodes is not None else node_count(cfg)
-    with contextlib.suppress(ConfigError):
-        if n != node_count(cfg):
-            log.warning("--nodes %d differs from the %d clients of the config", n, node_count(cfg))
-    run_config = app_run_config(app_dir, overrides, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    silo_root, nodes_dir = prepare(cfg, run_dir)   # one silo + node file per client, once
+    clients = len(list(nodes_dir.glob("node-*.json")))
+    n = nodes if nodes is not None else clients
+    if n != clients:
+        log.warning("--nodes %d differs from the %d clients of the federation", n, clients)
+    run_config = app_run_config(app_dir, overrides, run_dir, silo_root)
     with Deployment(workdir, insecure=insecure, port=port, echo=echo) as dep:
-        dep.start(n)
+        dep.start(n, nodes_dir)
         echo(f"submitting run: {n} SuperNodes, output {run_dir}")
         run_id = dep.submit(app_dir, run_config, timeout=timeout)
         echo(f"run {run_id} completed; outputs in {run_dir}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
+import json
 import sys
 from pathlib import Path
 
@@ -58,27 +58,42 @@ def check_resources(cfg: ExperimentConfig) -> dict:
     return {"num_cpus": cfg.runtime.num_cpus, "num_gpus": float(gpus)}
 
 
-def count_clients(cfg: ExperimentConfig) -> int:
-    """How many SuperNodes: one per federation client (loads and validates the data once)."""
-    from fedmeta.runtime.federation import load_data, partitions
+def prepare(cfg: ExperimentConfig, out_dir: Path) -> tuple[Path, Path]:
+    """The engine's one-time start-up: silos on disk and one node file per virtual SuperNode.
 
-    return len(partitions(cfg, load_data(cfg)))
+    Returns (the silo root holding federation.json, the directory of node files). A fresh
+    run creates every DP node's privacy budget; a resumed one keeps the ledgers on disk."""
+    from fedmeta.runtime import checkpoint
+    from fedmeta.runtime.federation import build_silos, prepare_nodes
+
+    fresh = not (cfg.runtime.resume and checkpoint.exists(out_dir / "checkpoint"))
+    silo_root = Path(cfg.runtime.silo_dir or out_dir / "silos")
+    state_root = Path(cfg.runtime.client_state_dir or out_dir / "nodes")
+    configs = prepare_nodes(cfg, build_silos(cfg), silo_root, state_root, fresh)
+    nodes_dir = out_dir / "node-configs"
+    for i, nc in enumerate(configs):
+        nc.save(nodes_dir / f"node-{i}.json")
+    return silo_root, nodes_dir
 
 
-def simulate(cfg: ExperimentConfig, overrides: list[str], out_dir: Path,
-             resources: dict | None = None) -> None:
+def simulate(cfg: ExperimentConfig, out_dir: Path, resources: dict | None = None) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
+    from clients.app import NODES_DIR_ENV
     from clients.app import app as client_app
+    from fedmeta.config import to_dict
     from server.app import make_server_app
     from server.supervisor import reap_descendants
 
     resources = resources or check_resources(cfg)
-    n = count_clients(cfg)
+    silo_root, nodes_dir = prepare(cfg, out_dir)
+    n = len(list(nodes_dir.glob("node-*.json")))
+    os.environ[NODES_DIR_ENV] = str(nodes_dir.resolve())   # inherited by Ray's workers
     log.info("Flower simulation: %d SuperNodes, %s each, outputs in %s", n, resources, out_dir)
-    server_app = make_server_app({"overrides": shlex.join(overrides), "output-dir": str(out_dir)})
+    server_app = make_server_app({"experiment": json.dumps(to_dict(cfg)),
+                                  "output-dir": str(out_dir), "federation": str(silo_root)})
     with reap_descendants():
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                        backend_name="ray", backend_config={"client_resources": resources})
@@ -100,7 +115,6 @@ def _job(raw) -> None:
         _fail(err)
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
-    overrides = list(hc.overrides.task)
     try:
         if cfg.runtime.kind == "inprocess":
             import torch
@@ -110,7 +124,7 @@ def _job(raw) -> None:
             torch.set_num_threads(max(1, int(cfg.runtime.num_cpus)))
             run(cfg, out_dir)
         else:
-            simulate(cfg, overrides, out_dir, resources)
+            simulate(cfg, out_dir, resources)
     except (ConfigError, DataError) as err:
         _fail(err)
 

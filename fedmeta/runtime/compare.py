@@ -22,9 +22,10 @@ import pandas as pd
 from fedmeta.config import ConfigError
 from fedmeta.data.schema import DataError
 from fedmeta.eval.protocol import popularity_rows
-from fedmeta.runtime.federation import build_federation, load_data
+from fedmeta.runtime.federation import build_silos, load_data
 from fedmeta.runtime.hydra_config import compose
-from fedmeta.runtime.inprocess import run
+from fedmeta.runtime.inprocess import build_nodes, run
+from fedmeta.runtime.node import build_tasks
 from fedmeta.runtime.results import domain_table
 
 METHODS = ["popularity", "fedavg", "reptile", "fomaml", "maml"]
@@ -49,14 +50,15 @@ def run_one(method: str, seed: int, overrides: list[str], out: Path) -> dict:
         from fedmeta.runtime.results import Recorder
 
         rec = Recorder()
-        rec.eval_rows([{**r, "round": 0} for r in popularity_rows(build_federation(base, data).clients,
-                                                                     seed)])
+        clients = [build_tasks(base, silo) for silo in build_silos(base, data)]
+        rec.eval_rows([{**r, "round": 0} for r in popularity_rows(clients, seed)])
         table = domain_table(rec.frame())
     else:
         cfg = compose(["runtime=inprocess", f"seed={seed}", f"algorithm={method}",
                        "runtime.plots=false", *overrides])
         run_dir = out / method / f"seed{seed}"
-        run(cfg, run_dir, fed=build_federation(cfg, data), echo=lambda s: None)
+        run(cfg, run_dir, nodes=build_nodes(cfg, run_dir, build_silos(cfg, data)),
+            echo=lambda s: None)
         table = domain_table(pd.read_csv(run_dir / "metrics.csv"))
     vals = overall(table)
     rec = {"method": method, "seed": seed, "seconds": time.time() - t0}

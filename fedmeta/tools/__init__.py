@@ -1,0 +1,1 @@
+"""Command-line tools above the mechanisms (partitioning, node administration)."""
