@@ -74,7 +74,13 @@ _PACKAGED = {
 
 
 def load_packaged(name: str, domain: str | None = None, **options) -> InteractionData:
-    """Load a data set shipped in a package; ``options`` go to the underlying loader."""
+    """Load a data set shipped in a package; ``options`` go to the underlying loader.
+
+    That includes the options every loader accepts (``max_users``, ``user_fraction``,
+    ``subsample_seed``, ``min_interactions``, ``on_equal_timestamps``; see
+    :mod:`fedmeta.data.loaders._options`), so a packaged source is subsampled exactly like a
+    file the user brings.
+    """
     if name not in _PACKAGED:
         raise DataError(f"unknown packaged data set {name!r}; valid names: {sorted(_PACKAGED)}")
     return _PACKAGED[name](domain=domain, **options)

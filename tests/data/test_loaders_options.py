@@ -10,7 +10,7 @@ import random
 import pytest
 
 from fedmeta.data import packaged
-from fedmeta.data.loaders import (SHARED_OPTIONS, OptionError, load_csv, load_source)
+from fedmeta.data.loaders import SHARED_OPTIONS, OptionError, load_csv, load_source
 from fedmeta.data.schema import DataError
 from tests.data.test_loaders import FIX, raises_at, rows, write
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from fedmeta.data.loaders import load_recbole
-from fedmeta.data.schema import DataError
 from fedmeta.model.features import item_tokens
 from tests.data.test_loaders import FIX, item, raises_at, rows, write
 

@@ -42,8 +42,9 @@ from fedmeta.data.schema import DataError, InteractionData
 log = logging.getLogger("fedmeta.data.loaders")
 
 EQUAL_TIMESTAMP_POLICIES = ("warn", "error", "row_order")
-SHARED_OPTIONS = ("on_equal_timestamps", "min_interactions", "max_users", "user_fraction",
-                  "subsample_seed")
+_DEFAULTS = {"on_equal_timestamps": "warn", "min_interactions": None, "max_users": None,
+             "user_fraction": None, "subsample_seed": 0}
+SHARED_OPTIONS = tuple(_DEFAULTS)
 
 
 class OptionError(DataError, TypeError):
@@ -201,12 +202,9 @@ def source_loader(kind: str):
             return _apply(data, kind, report, on_equal_timestamps, min_interactions, max_users,
                           user_fraction, subsample_seed)
 
-        load.__signature__ = inspect.Signature(
-            list(own.values()) + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
-                                                       default=d) for n, d in
-                                     (("on_equal_timestamps", "warn"),
-                                      ("min_interactions", None), ("max_users", None),
-                                      ("user_fraction", None), ("subsample_seed", 0))])
+        load.__signature__ = inspect.Signature(list(own.values()) + [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+            for name, default in _DEFAULTS.items()])
         return load
 
     return wrap

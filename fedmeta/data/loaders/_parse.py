@@ -42,7 +42,7 @@ def read_text(path: Path, encodings: tuple[str, ...] = ("utf-8-sig",)) -> str:
 
 
 def _field_counts_plain(text: str, sep: str) -> tuple[np.ndarray, np.ndarray]:
-    """Quote-free counting on the UTF-8 bytes: line ends are ``\\n``, ``\\r\\n`` or a lone ``\\r``."""
+    """Quote-free field counts from the UTF-8 bytes; a line ends at LF, CRLF or a lone CR."""
     raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     code = sep.encode("utf-8")
     if len(code) != 1:  # a non-ASCII separator: count characters instead (slower)
