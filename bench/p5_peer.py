@@ -1,0 +1,274 @@
+"""P5: the same FedAvg workload in a peer simulator (pfl 0.6) and in fedmeta, side by side.
+
+Same model (fedmeta's recommender and objective, imported by the peer), same users (one
+workload file built by fedmeta's data layer from the composed config), same cohort (every
+training client each round), same local steps, batch, learning rates and evaluation (fedmeta's
+protocol after the last round), central DP with fixed clipping off and on. fedmeta runs
+through ``fedmeta-simulate`` (in-process and Flower simulation) with the very overrides the
+workload was composed from; the peer runs in its own venv (:mod:`bench.peer.install`).
+
+Runs are interleaved (peer, in-process, simulation, peer with two threads) so the shared
+machine's drift touches every runtime alike; ratios are of median training-round seconds
+from runs of this invocation. Threads: fedmeta in-process trains with ``runtime.num_cpus=1``
+torch thread, the simulation runs two one-CPU actors side by side, and the peer runs its
+cohort sequentially in one process, once with one thread (the in-process comparison) and
+once with two (the whole machine, which is what the simulation gets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import REPO, table
+from bench.peer import install
+
+SIMULATE = str(Path(sys.executable).with_name("fedmeta-simulate"))
+KINDS = ("pfl-1", "inprocess", "simulation", "pfl-2")
+LABEL = {"pfl-1": "pfl 0.6, 1 thread", "pfl-2": "pfl 0.6, 2 threads",
+         "inprocess": "fedmeta in-process", "simulation": "fedmeta Flower simulation"}
+NODE_LINE = re.compile(r"node (\S+): (\d+) training users, (\d+) cold users, (\d+) catalogue items")
+TARGET_IP, TARGET_SIM = 1.0, 1.5
+
+
+def overrides(quick: bool, privacy: str) -> list[str]:
+    """The workload as Hydra overrides; both simulators are given exactly these."""
+    if quick:
+        base = ["data=synthetic_small", "runtime.rounds=2", "algorithm.local_steps=1",
+                "algorithm.users_per_step=8", "data.max_eval_users=5"]
+    else:   # default synthetic data and clients; a budget that fits ~15 min on two cores
+        base = ["data=synthetic", "runtime.rounds=4", "algorithm.local_steps=5",
+                "algorithm.users_per_step=32", "data.max_eval_users=20"]
+    dp = (["privacy=central", "privacy.central.side=server", "privacy.central.clipping=fixed",
+           "privacy.central.noise_multiplier=0.5", "privacy.central.clipping_norm=1.0"]
+          if privacy == "central" else ["privacy=none"])
+    return ["algorithm=fedavg", "model=tiny", *base, *dp, "runtime.fraction_train=1.0",
+            "runtime.plots=false", "runtime.device=cpu"]
+
+
+def round_stats(rounds: list[dict]) -> dict:
+    """Median training-round seconds (every round but the last, which also evaluates)."""
+    secs = [float(r["seconds"]) for r in rounds]
+    if not secs:
+        raise ValueError("no rounds recorded")
+    train = secs[:-1] or secs
+    return {"round_s": statistics.median(train), "last_s": secs[-1], "n": len(secs),
+            "total_s": sum(secs)}
+
+
+def parse_peer(stdout: str) -> dict:
+    """The runner's one JSON line (the last line starting with '{')."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise ValueError("the peer printed no result line")
+    out = json.loads(lines[-1])
+    for key in ("rounds", "setup_s", "wall_s", "final_metrics", "config"):
+        if key not in out:
+            raise ValueError(f"peer result lacks {key!r}")
+    return out
+
+
+def node_sizes(log_text: str) -> dict[str, dict]:
+    """Training users and catalogue items per client, from fedmeta's node log lines."""
+    return {m[1]: {"train_users": int(m[2]), "cold_users": int(m[3]), "items": int(m[4])}
+            for m in NODE_LINE.finditer(log_text)}
+
+
+def sizes_match(peer: dict, fedmeta: dict) -> bool | None:
+    """None when fedmeta logged no sizes (nothing to compare), else whether all agree."""
+    if not fedmeta:
+        return None
+    return all(cid in peer and all(peer[cid][k] == v for k, v in got.items())
+               for cid, got in fedmeta.items())
+
+
+def has_central_dp(summary: dict) -> bool:
+    return bool(summary.get("central_dp")) or any(r.get("central_dp")
+                                                   for r in summary.get("rounds", []))
+
+
+def mean_ndcg(final: dict, stage: str = "after") -> float:
+    """Mean NDCG@10 over the domain x population cells (the summary's final metrics)."""
+    vals = [pops[p][stage]["ndcg@10"] for pops in final.values() for p in pops
+            if stage in pops[p] and "ndcg@10" in pops[p][stage]]
+    return statistics.fmean(vals) if vals else float("nan")
+
+
+def _tail(proc) -> str:
+    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:] or ["no output"]
+    return errs[-1][:300]
+
+
+def run_fedmeta(kind: str, ovr: list[str], timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"bench-p5-{kind}-") as tmp:
+        cmd = [SIMULATE, f"runtime={kind}", *ovr, f"hydra.run.dir={tmp}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+        wall = time.perf_counter() - t0
+        path = Path(tmp) / "summary.json"
+        if proc.returncode != 0 or not path.exists():
+            return {"error": f"exit {proc.returncode}: {_tail(proc)}", "cmd": shlex.join(cmd[:-1])}
+        summary = json.loads(path.read_text())
+        logs = proc.stdout + proc.stderr + "".join(
+            p.read_text(errors="replace") for p in Path(tmp).glob("*.log"))
+    return {"rounds": summary["rounds"], "wall_s": wall, "final_metrics": summary["final_metrics"],
+            "config": summary.get("config", {}), "central_dp": has_central_dp(summary),
+            "sizes": node_sizes(logs), "cmd": shlex.join(cmd[:-1])}
+
+
+def run_peer(workload: Path, threads: int, timeout: float) -> dict:
+    cmd = [str(install.python()), "-m", "bench.peer.pfl_fedavg", str(workload), str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {_tail(proc)}"}
+    out = parse_peer(proc.stdout)
+    out["wall_s"] = wall    # the process's whole life, as for fedmeta-simulate
+    out["central_dp"] = out.get("central_dp") is not None
+    return out
+
+
+def measure(quick: bool, echo, repeats: int = 1) -> dict:
+    from bench.peer.workload import export
+
+    setup = install.ensure(echo=echo)
+    found: dict[str, dict[str, list[dict]]] = {}
+    workdir = install.VENV.parent / "p5"
+    for privacy in ("none", "central"):
+        ovr = overrides(quick, privacy)
+        workload = workdir / f"workload-{privacy}.pkl"
+        sizes = export(["runtime=inprocess", *ovr], workload)
+        runs = found.setdefault(privacy, {k: [] for k in KINDS})
+        for rep in range(repeats):
+            for kind in KINDS:
+                res = (run_peer(workload, int(kind[-1]), timeout=1800) if kind.startswith("pfl")
+                       else run_fedmeta(kind, ovr, timeout=1800))
+                res["export_sizes"] = sizes
+                runs[kind].append(res)
+                what = res.get("error") or f"wall {res['wall_s']:.1f}s"
+                echo(f"P5 {privacy} {kind} repeat {rep}: {what}")
+    return {"setup": setup, "runs": found, "quick": quick}
+
+
+def _verdict(ratio: float | None, target: float, what: str) -> str:
+    if ratio is None:
+        return f"{what}: **not measured**"
+    met = ratio <= target
+    miss = "" if met else f", {ratio / target - 1:+.0%} over"
+    return f"{what}: **{'met' if met else 'missed'}** (x{ratio:.2f}, target <= {target:g}{miss})"
+
+
+def summarise(found: dict) -> dict:
+    """Per privacy mode: medians per kind, ratios and verdicts (None where a run failed)."""
+    out = {}
+    for privacy, runs in found["runs"].items():
+        med, notes = {}, []
+        for kind, reps in runs.items():
+            ok = [r for r in reps if "error" not in r]
+            if not ok:
+                notes.append(f"{LABEL[kind]}: failed: {reps[0]['error']}")
+                continue
+            if privacy == "central" and not all(r["central_dp"] for r in ok):
+                notes.append(f"{LABEL[kind]}: ran *without* central DP although the config "
+                             "enables it (the runtime does not implement it yet); left out")
+                continue
+            stats = [round_stats(r["rounds"]) for r in ok]
+            med[kind] = {"round_s": statistics.median(s["round_s"] for s in stats),
+                         "last_s": statistics.median(s["last_s"] for s in stats),
+                         "rounds": stats[0]["n"],
+                         "wall_s": statistics.median(r["wall_s"] for r in ok),
+                         "ndcg": mean_ndcg(ok[0]["final_metrics"]), "cmd": ok[0].get("cmd")}
+        pfl = [med[k]["round_s"] for k in ("pfl-1", "pfl-2") if k in med]
+        ip = (med["inprocess"]["round_s"] / med["pfl-1"]["round_s"]
+              if "inprocess" in med and "pfl-1" in med else None)
+        sim = med["simulation"]["round_s"] / min(pfl) if "simulation" in med and pfl else None
+        out[privacy] = {"med": med, "notes": notes, "ip_ratio": ip, "sim_ratio": sim,
+                        "checks": workload_checks(runs)}
+    return out
+
+
+def workload_checks(runs: dict) -> dict:
+    """Does the peer train what fedmeta trains? Sizes against fedmeta's node logs, and the
+    workload-defining config sections against fedmeta's summary.json."""
+    peer = next((r for k in ("pfl-1", "pfl-2") for r in runs[k] if "error" not in r), None)
+    ours = [r for k in ("inprocess", "simulation") for r in runs[k] if "error" not in r]
+    if peer is None or not ours:
+        return {}
+    logged = next((r["sizes"] for r in ours if r.get("sizes")), {})
+    differ = sorted(k for k in peer["config"]
+                    if any(r["config"].get(k) != peer["config"][k] for r in ours))
+    return {"sizes": sizes_match(peer["sizes"], logged), "clients": len(logged),
+            "config_differs": differ, "cohort": peer.get("cohort"), "params": peer.get("params"),
+            "versions": peer.get("versions", {})}
+
+
+def render(found: dict, s: dict) -> str:
+    setup = found["setup"]
+    text = ["## P5 Side by side with pfl 0.6", "", __doc__.split("\n\n")[1].replace("\n", " "),
+            "", __doc__.split("\n\n")[2].replace("\n", " "), "",
+            "The peer's venv (made by this command when missing, reused otherwise; this "
+            f"invocation {'installed it' if setup['installed'] else 'reused it'}):", "", "```",
+            *setup["commands"], "```", "", "fedmeta's runs (privacy off; on: the `privacy=...` "
+            "overrides differ, the in-process runs say `runtime=inprocess`):", ""]
+    for privacy in ("none", "central"):
+        cmd = next((m["cmd"] for m in s[privacy]["med"].values() if m.get("cmd")), None)
+        if cmd:
+            text += ["```", cmd.replace(SIMULATE, "fedmeta-simulate"), "```"]
+    text += ["(the peer: `.bench/pfl-venv/bin/python -m bench.peer.pfl_fedavg WORKLOAD THREADS`, "
+             "WORKLOAD composed from the same overrides)", ""]
+    rows, figures = [], []
+    for privacy, label in (("none", "off"), ("central", "central, sigma 0.5, C 1")):
+        for kind, m in s[privacy]["med"].items():
+            rows.append([label, LABEL[kind], m["rounds"], m["round_s"], m["last_s"], m["wall_s"],
+                         m["ndcg"]])
+        for key, what in (("ip_ratio", "in-process / pfl (1 thread)"),
+                          ("sim_ratio", "simulation / faster pfl")):
+            if s[privacy][key] is not None:
+                figures.append([f"DP {label}: {what}, training round", s[privacy][key]])
+    text += [table(["DP", "simulator", "rounds", "train round s (median)", "last round s (with "
+                    "eval)", "wall s", "NDCG@10 after (mean of cells)"], rows), "",
+             table(["figure", "value"], figures), ""]
+    for privacy, label in (("none", "DP off"), ("central", "central DP")):
+        c = s[privacy]["checks"]
+        if not c:
+            continue
+        same = {None: "not logged by fedmeta, not checked", True: f"yes, all {c['clients']} clients",
+                False: "**NO**"}[c["sizes"]]
+        text += [f"- Workload check, {label}: cohort {c['cohort']} clients, {c['params']} trained "
+                 f"parameters; per-client training users, cold users and catalogue items equal to "
+                 f"fedmeta's nodes: {same}; config sections "
+                 + ("identical" if not c["config_differs"] else
+                    f"**differ**: {c['config_differs']}") + " (seed, data, model, algorithm, "
+                 "privacy from fedmeta's summary.json vs the peer's workload)."]
+    versions = next((s[p]["checks"].get("versions") for p in s if s[p]["checks"]), {})
+    if versions:
+        text += [f"- Peer venv: pfl {versions.get('pfl')}, torch {versions.get('torch')}.", ""]
+    for privacy, label in (("none", "DP off"), ("central", "central DP")):
+        text += [f"**Target** {label}: "
+                 + _verdict(s[privacy]["ip_ratio"], TARGET_IP, "in-process at least as fast as pfl")
+                 + "; " + _verdict(s[privacy]["sim_ratio"], TARGET_SIM,
+                                   "Flower simulation within 1.5x of pfl") + "."]
+        text += [f"- {n}" for n in s[privacy]["notes"]]
+    return "\n".join(text)
+
+
+def run(quick: bool, echo=print) -> str:
+    try:
+        found = measure(quick, echo)
+    except install.PeerUnavailable as err:
+        return f"## P5 Side by side with pfl 0.6\n\nThe peer could not be installed here: {err}"
+    raw = install.VENV.parent / "p5" / "runs.json"     # every round of every run, for audit
+    raw.write_text(json.dumps(found, indent=1, default=float))
+    return render(found, summarise(found))
