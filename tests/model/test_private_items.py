@@ -129,7 +129,8 @@ def test_dp_clips_each_user_over_meta_and_private_tensors_jointly(algorithm):
     assert per_user[NAME].abs().sum() > 0                 # the table does get gradient
     clip = 1e-3
     dp = LocalDPConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=clip)
-    step = PrivateStep(dp, 12, 0.5, 0.0, UserLevelAccountant("rdp", 1e-3), noise_seed=0)
+    step = PrivateStep(dp, 12, 0.5, 0.0, torch.Generator().manual_seed(0),
+                       UserLevelAccountant("rdp", 1e-3))
     for u in range(6):
         raw = {k: v[u] for k, v in per_user.items()}
         joint = float(sum((v.double() ** 2).sum() for v in raw.values()) ** 0.5)

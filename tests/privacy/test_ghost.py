@@ -25,7 +25,8 @@ def _setup(n=4):
 
 def _functorch(algo, params, batch, clip, sigma=0.0, seed=0):
     dp = LocalDPConfig(enabled=True, noise_multiplier=sigma, max_grad_norm=clip)
-    step = PrivateStep(dp, N_USERS, Q, sigma, UserLevelAccountant("rdp", 1e-3), noise_seed=seed)
+    step = PrivateStep(dp, N_USERS, Q, sigma, torch.Generator().manual_seed(seed),
+                       UserLevelAccountant("rdp", 1e-3))
     return step.privatize(algo.user_updates(params, batch), params)
 
 
