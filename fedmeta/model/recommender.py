@@ -10,11 +10,19 @@ Built to be private-training friendly by construction (Opacus hooks and ``torch.
 - position and token-type ids are passed with the full batch shape;
 - no weight is reused outside its module (no tied output layer: candidates are scored with
   the item encoder's own output, and all items of a forward go through it in one call).
+
+Scores are ``scale * (h . v) + b``: user and item vectors leave LayerNorms, so a raw dot
+product of two 64-d vectors already spreads logits by about d (a first loss near 25 nats
+where a uniform guess costs ln 65 = 4.2), and a model that starts that confident spends its
+first rounds unlearning noise. ``scale`` is a learned temperature starting at 1/sqrt(d) (the
+scaled dot product of attention), which puts the initial loss within about a nat of the
+uniform loss while leaving logits room to reach +-sqrt(d) once vectors align.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -70,6 +78,23 @@ class ItemEncoder(nn.Module):
         return out
 
 
+class LogitScale(nn.Module):
+    """A learned positive scalar, stored as its log (Adam then moves it by ratios, and it can
+    never flip the sign of every score).
+
+    Held as a one-row, one-column embedding read at index 0 once per sample: Opacus's hooks
+    and ghost clipping then produce its per-sample gradient natively, like any embedding's.
+    """
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.log = nn.Embedding(1, 1, _weight=torch.full((1, 1), math.log(init)))
+
+    def forward(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(batch, 1, 1) copies of the scale."""
+        return self.log(torch.zeros(batch, 1, dtype=torch.long, device=device)).exp()
+
+
 class SequenceRecommender(nn.Module):
     """Next-item prediction: hidden state at position t scores candidates for item t."""
 
@@ -78,6 +103,8 @@ class SequenceRecommender(nn.Module):
         self.items = ItemEncoder(vocab_size, bert_config.hidden_size, private_rows)
         self.backbone = BertModel(bert_config, add_pooling_layer=False)
         self.backbone.embeddings.word_embeddings.weight.requires_grad_(False)
+        # given weights (no RNG draw): every other weight is what it was without the scale
+        self.logit_scale = LogitScale(bert_config.hidden_size ** -0.5)
 
     @property
     def max_len(self) -> int:
@@ -86,14 +113,16 @@ class SequenceRecommender(nn.Module):
     def forward(self, seq_feats: torch.Tensor, attention_mask: torch.Tensor,
                 cand_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``seq_feats`` (B, L, F), ``cand_feats`` (B, C, F) -> hidden (B, L, d+1) and candidates
-        (B, C, d+1), such that ``hidden . candidate`` is the score (the bias rides on a constant 1)."""
+        (B, C, d+1), such that ``hidden . candidate`` is the score: the user part of ``hidden`` is
+        already multiplied by the learned scale, and the item bias rides on a constant 1."""
         batch, length = seq_feats.shape[:2]
         vecs = self.items(torch.cat([seq_feats, cand_feats], dim=1))
         positions = torch.arange(length, device=seq_feats.device).expand(batch, length)
         hidden = self.backbone(inputs_embeds=vecs[:, :length, :-1], attention_mask=attention_mask,
                                position_ids=positions,
                                token_type_ids=torch.zeros_like(positions)).last_hidden_state
-        hidden = torch.cat([hidden, torch.ones_like(hidden[..., :1])], dim=-1)
+        hidden = torch.cat([hidden * self.logit_scale(batch, hidden.device),
+                            torch.ones_like(hidden[..., :1])], dim=-1)
         return hidden, vecs[:, length:]
 
     def encode_items(self, feats: torch.Tensor) -> torch.Tensor:
