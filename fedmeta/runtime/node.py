@@ -170,8 +170,7 @@ class Node:
                                  private_rows=private_rows).to(self.device)
         self.model.train()
         self.algorithm = build_algorithm(self.cfg.algorithm, Objective(self.model))
-        self.store = PrivateStore(Path(nc.state_dir) / "private", nc.client_id,
-                                  keep=2) if private_rows else None
+        self.store = PrivateStore(nc.state_dir, "private", keep=2) if private_rows else None
         self._private: tuple[int, dict[str, torch.Tensor]] | None = None
         log.info("node %s: %d training users, %d cold users, %d catalogue items, device %s, "
                  "local DP %s", nc.client_id, len(self.tasks.train), len(silo.partition.cold_users),

@@ -40,7 +40,7 @@ def test_tables_stay_on_the_nodes_and_a_resume_is_exact(tmp_path, data):
     nodes, summary = _run(cfg, tmp_path / "full", data)
     trained = [n for n in nodes if not n.tasks.partition.new_client]
     for n in trained:
-        files = sorted((tmp_path / "full" / "nodes" / n.client_id / "private").rglob("*.safetensors"))
+        files = sorted((tmp_path / "full" / "nodes" / n.client_id / "private").glob("*.safetensors"))
         assert files, n.client_id
         tables = load_file(str(files[-1]))
         assert all(k.startswith(PRIVATE_PREFIX) for k in tables)

@@ -170,16 +170,6 @@ def test_runtime_is_forced_to_deployment():
         deploy.deployment_overrides(["runtime=simulation"])
 
 
-def test_node_count_includes_new_clients():
-    assert deploy.node_count(compose(["data=synthetic_small"])) == 6     # 3 + 3, one new each
-    cfg = compose(["data=synthetic_small", "data.clients=[{domain:ecommerce,n_clients:2,"
-                   "new_clients:0},{domain:social,n_clients:1,new_clients:0}]"])
-    assert deploy.node_count(cfg) == 3
-    cfg = compose(["data.clients=[{domain:social,n_clients:1,new_clients:0,scheme:user}]"])
-    with pytest.raises(ConfigError, match="--nodes"):
-        deploy.node_count(cfg)
-
-
 def test_run_config_follows_the_app_declaration(tmp_path):
     with pytest.raises(deploy.DeployError, match=r"tool.flwr.app"):
         (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
@@ -259,6 +249,7 @@ def test_tls_authenticated_deployment_end_to_end(tmp_path, reaper):
         except subprocess.TimeoutExpired:
             seen["rogue_code"] = None
         seen["rogue_log"] = rogue.tail(80)
+        seen["argv"] = [list(p.popen.args) for p in dep.supernodes]
         seen["pids"] = [pid for p in dep.sup.procs for pid in p.family]
         reaper.extend(seen["pids"])
 
@@ -281,6 +272,21 @@ def test_tls_authenticated_deployment_end_to_end(tmp_path, reaper):
     # per-round progress was streamed to the console
     assert any(line.startswith("round 1/2") for line in lines), lines
     assert any(line.startswith("round 2/2") for line in lines), lines
+    # each SuperNode was given only its own node file, naming only its own silo
+    from fedmeta.data.silo import read_silo
+    from fedmeta.runtime.node import NodeConfig
+
+    owners = set()
+    for argv in seen["argv"]:
+        files = [a for a in argv if "fedmeta-node=" in a]
+        assert len(files) == 1 and files[0].count("node-") == 1
+        path = files[0].split('fedmeta-node="')[1].rstrip('"')
+        nc = NodeConfig.load(path)
+        silo = read_silo(nc.silo_dir)
+        assert silo.client_id == nc.client_id and set(silo.data.interactions["user"]) <= set(
+            silo.partition.users)
+        owners.add(nc.client_id)
+    assert len(owners) == len(seen["argv"])
     # nothing left behind
     assert all(_gone(pid) for pid in seen["pids"])
     assert _flower_processes([str(workdir), f":{seen['port']}"]) == []

@@ -56,7 +56,7 @@ def _leftovers(marker: str) -> list[psutil.Process]:
 @pytest.mark.slow
 def test_simulation_with_ray_writes_every_output_and_leaves_no_process(tmp_path):
     marker = uuid.uuid4().hex
-    env = {"FEDMETA_TEST_MARKER": marker, "FEDMETA_INJECT_FAULTS": "social-0=raise"}
+    env = {"FEDMETA_TEST_MARKER": marker}
     try:
         res = _run(TINY, tmp_path, env=env)
     finally:
@@ -71,41 +71,15 @@ def test_simulation_with_ray_writes_every_output_and_leaves_no_process(tmp_path)
     assert list((out / "plots").glob("*.png")) and (out / "checkpoint" / "state.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runtime"] == "flower" and summary["config"]["runtime"]["kind"] == "simulation"
-    # the raising client became an error reply through Ray, and was dropped and counted
-    assert summary["failures_total"] == 2
-    assert all("social-0" in r["failures"] for r in summary["rounds"])
-    assert all(len(r["accepted"]) == 3 and r["bytes_received"] > 0 for r in summary["rounds"])
+    assert summary["failures_total"] == 0
+    assert all(len(r["accepted"]) == 4 and r["bytes_received"] > 0 for r in summary["rounds"])
     assert {"ecommerce", "social"} <= set(summary["final_metrics"])
-    # DP accountant states travelled back from the Ray actors into the summary; the client
-    # that never replied is listed as unknown (charged rounds, noise never reported), not left out
-    eps = summary["client_epsilon"]
+    # every Ray actor found its own node file; each node reported the epsilon of its own
+    # ledger, which lives in the node's state directory, never in the server's checkpoint
+    eps, delta = summary["client_epsilon"], summary["client_delta"]
     assert set(eps) == {"ecommerce-0", "ecommerce-1", "social-0", "social-1"}
-    assert eps["social-0"] is None
-    assert all(eps[c] > 0 for c in ("ecommerce-0", "ecommerce-1", "social-1"))
-
-
-SWEEP_PROBE = """
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from fedmeta.runtime.hydra_config import config_dir, register
-from server.app import compose_config
-
-def task(raw):
-    cfg = compose_config([f"seed={raw.seed + 10}"])      # what the ServerApp thread does
-    print("JOB", HydraConfig.get().job.num, HydraConfig.get().job.name, cfg.seed, flush=True)
-
-register()
-hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(task)()
-"""
-
-
-def test_composing_inside_a_sweep_job_leaves_the_next_job_intact(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(SWEEP_PROBE)
-    res = subprocess.run([sys.executable, str(script), "-m", "seed=0,1",
-                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True,
-                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
-    assert res.returncode == 0, res.stderr[-2000:]
-    jobs = [line.split()[1:] for line in res.stdout.splitlines() if line.startswith("JOB")]
-    assert jobs == [["0", "probe", "10"], ["1", "probe", "11"]]
-    assert (tmp_path / "sweep" / "1" / "probe.log").exists()
+    assert all(eps[c] > 0 and 0 < delta[c] < 0.01 for c in eps)
+    for cid in eps:
+        assert (out / "nodes" / cid / "privacy_ledger.json").exists()
+        assert (out / "silos" / cid / "silo.json").exists()
+    assert "client_privacy" in json.loads((out / "checkpoint" / "state.json").read_text())
