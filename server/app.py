@@ -76,8 +76,14 @@ def run_server(grid: Grid, run_config: dict, echo=print) -> dict:
     return driver.run(stop_after)
 
 
-def _echo(line: str) -> None:
+def echo_line(line: str) -> None:
+    """A progress line on the console and in every log *file* of the process (Hydra's
+    ``simulate.log``), without a second, prefixed copy on the console."""
     print(line, flush=True)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("fedmeta.progress", logging.INFO, __file__, 0, line,
+                                           None, None))
 
 
 def make_server_app(run_config: dict | None = None) -> ServerApp:
@@ -88,7 +94,7 @@ def make_server_app(run_config: dict | None = None) -> ServerApp:
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         given = {k: v for k, v in dict(context.run_config).items() if v not in ("", None)}
-        run_server(grid, {**defaults, **given}, echo=_echo)
+        run_server(grid, {**defaults, **given}, echo=echo_line)
 
     return server_app
 

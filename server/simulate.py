@@ -121,8 +121,10 @@ def _job(raw) -> None:
 
             from fedmeta.runtime.inprocess import run
 
+            from server.app import echo_line
+
             torch.set_num_threads(max(1, int(cfg.runtime.num_cpus)))
-            run(cfg, out_dir)
+            run(cfg, out_dir, echo=echo_line)
         else:
             simulate(cfg, out_dir, resources)
     except (ConfigError, DataError) as err:

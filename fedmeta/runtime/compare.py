@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="(method, seed) runs in parallel, one torch thread each")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=real_cross_domain")
     args = parser.parse_args(argv)
+    # "--methods a b key=value": argparse gives the overrides to --methods; a method name
+    # never contains "=", so they go back where they belong, in their order
+    args.overrides = [m for m in args.methods if "=" in m] + list(args.overrides)
+    args.methods = [m for m in args.methods if "=" not in m]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     unknown = [m for m in args.methods if m not in METHODS + ["perfedavg"]]
     if unknown:

@@ -26,7 +26,7 @@ from fedmeta.data.silo import ClientEntry
 from fedmeta.privacy.central import CentralDP
 from fedmeta.privacy.randomness import check_secret
 from fedmeta.runtime import checkpoint
-from fedmeta.runtime.results import Recorder, progress_line, write_outputs
+from fedmeta.runtime.results import Recorder, progress_line, summary_table, write_outputs
 from fedmeta.runtime.server import MetaServer, select_clients
 
 log = logging.getLogger(__name__)
@@ -180,4 +180,6 @@ class RoundDriver:
                                    "sampling_amplification": False,
                                    "client_epsilon": {c: central.epsilon_after(n)
                                                       for c, n in sorted(counts.items())}}
-        return write_outputs(self.out_dir, cfg, self.recorder, self.privacy, extra)
+        summary = write_outputs(self.out_dir, cfg, self.recorder, self.privacy, extra)
+        self.echo(summary_table(summary, self.out_dir))
+        return summary

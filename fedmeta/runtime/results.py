@@ -72,7 +72,9 @@ def progress_line(server_round: int, rounds: int, seconds: float, frame: pd.Data
         parts.append(f"query-loss {loss:.4f}")
     eps = tr.loc[tr["metric"] == "epsilon", "value"]
     if len(eps):
-        parts.append(f"max-eps {eps.max():.3f}")
+        delta = tr.loc[tr["metric"] == "delta", "value"]
+        parts.append(f"max-eps {eps.max():.3f}"
+                     + (f" (delta {delta.max():.2g})" if len(delta) else ""))
     table = domain_table(frame, server_round) if (frame["phase"] == "eval").any() else None
     if table is not None and not table.empty and (table.get("stage") == "after").any():
         cold = table[(table["stage"] == "after") & (table["metric"] == "ndcg@10")]
@@ -133,13 +135,17 @@ def plot(frame: pd.DataFrame, directory: Path) -> None:
         ax.set_xlabel("round"), ax.set_ylabel(f"{metric} after adaptation"), ax.legend(fontsize=7)
         fig.tight_layout(), fig.savefig(directory / f"{metric.replace('@', '_at_')}_vs_round.png")
         plt.close(fig)
-    last = domain_table(frame)
-    last = last[last["metric"] == "ndcg@10"]
+    last = ev[(ev["round"] == ev["round"].max()) & (ev["metric"] == "ndcg@10")] if len(ev) else ev
     if not last.empty:
-        piv = last.pivot_table(index=["domain", "population"], columns="stage", values="value")
-        fig, ax = plt.subplots(figsize=(6, 4))
-        piv.plot.bar(ax=ax)
-        ax.set_ylabel("ndcg@10"), ax.set_title("before vs after adaptation")
+        # mean and spread over the clients of each domain/population (error bars: one std)
+        g = last.groupby(["domain", "population", "stage"])["value"].agg(["mean", "std"]).fillna(0.0)
+        mean = g["mean"].unstack("stage")
+        std = g["std"].unstack("stage")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        mean.plot.bar(ax=ax, yerr=std, capsize=3, rot=20)
+        ax.set_ylabel("NDCG@10 (mean over clients, bars: 1 std)")
+        ax.set_xlabel("")
+        ax.set_title("before vs after adaptation")
         fig.tight_layout(), fig.savefig(directory / "before_after_adaptation.png")
         plt.close(fig)
     tr = frame[(frame["phase"] == "train") & (frame["metric"] == "train_query_loss")]
@@ -151,3 +157,32 @@ def plot(frame: pd.DataFrame, directory: Path) -> None:
         ax.set_xlabel("round"), ax.set_ylabel("training query loss"), ax.legend()
         fig.tight_layout(), fig.savefig(directory / "train_loss_vs_round.png")
         plt.close(fig)
+
+
+def summary_table(summary: dict, out_dir: Path) -> str:
+    """The end-of-run console summary: per domain and population NDCG@10 / HR@10 before ->
+    after adaptation, epsilon and delta per client, wall time and where the outputs are."""
+    lines = ["", "| domain | population | ndcg@10 before -> after | hr@10 before -> after |",
+             "|---|---|---|---|"]
+    for dom, pops in sorted(summary.get("final_metrics", {}).items()):
+        for pop, stages in sorted(pops.items()):
+            b, a = stages.get("before", {}), stages.get("after", {})
+            cell = [f"{b.get(m, float('nan')):.4f} -> {a.get(m, float('nan')):.4f}"
+                    for m in HEADLINE]
+            lines.append(f"| {dom} | {pop} | {cell[0]} | {cell[1]} |")
+    eps, delta = summary.get("client_epsilon", {}), summary.get("client_delta", {})
+    if eps:
+        lines.append("")
+        lines.append("user-level DP per client: " + ", ".join(
+            f"{c} eps {e:.3f} (delta {delta.get(c, float('nan')):.2g})" for c, e in eps.items()
+            if e is not None))
+        if not all(summary.get("private_against_server", {}).values()):
+            lines.append("NOT private against the server: a reproducibility secret seeded the noise")
+    central = summary.get("central_dp")
+    if central:
+        lines.append(f"client-level central DP: eps {central['epsilon']:.3f} "
+                     f"(delta {central['delta']:.2g}, no sampling amplification)")
+    lines.append(f"wall time {summary.get('wall_time_s', 0):.0f} s; outputs: "
+                 f"{out_dir / 'metrics.csv'}, {out_dir / 'summary.json'}, {out_dir / 'plots'}, "
+                 f"{out_dir / 'checkpoint'}")
+    return "\n".join(lines)

@@ -27,3 +27,10 @@ def test_compare_writes_runs_and_table(tmp_path, capsys):
 def test_unknown_method_and_bad_override_exit_2(tmp_path):
     assert main(["--methods", "magic", "--out", str(tmp_path)]) == 2
     assert main(["--methods", "fedavg", "--out", str(tmp_path), "algorithm.inner_lr=-1"]) == 2
+
+
+def test_overrides_right_after_methods_are_not_taken_for_method_names(tmp_path):
+    rc = main(["--seeds", "0", "--out", str(tmp_path), "--methods", "popularity", *SMALL])
+    assert rc == 0
+    runs = pd.read_csv(tmp_path / "compare_runs.csv")
+    assert runs["method"].tolist() == ["popularity"]
