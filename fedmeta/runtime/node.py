@@ -170,8 +170,9 @@ class Node:
                                  private_rows=private_rows).to(self.device)
         self.model.train()
         self.algorithm = build_algorithm(self.cfg.algorithm, Objective(self.model))
-        self.store = PrivateStore(nc.state_dir, "private", keep=2) if private_rows else None
-        self._private: tuple[int, dict[str, torch.Tensor]] | None = None
+        # every round's table is kept: a resume may go back to any checkpointed round
+        self.store = (PrivateStore(nc.state_dir, "private", keep=max(2, self.cfg.runtime.rounds + 1))
+                      if private_rows else None)
         log.info("node %s: %d training users, %d cold users, %d catalogue items, device %s, "
                  "local DP %s", nc.client_id, len(self.tasks.train), len(silo.partition.cold_users),
                  self.tasks.catalog.n_items, self.device, "on" if self.dp else "off")
@@ -210,10 +211,10 @@ class Node:
 
     # ---- private item table ----------------------------------------------------------------
     def _load_private(self, before_round: int) -> dict[str, torch.Tensor] | None:
+        """Always from the node's disk: another worker process may have trained this node's
+        later round, so a copy in this process's memory could be stale."""
         if self.store is None:
             return None
-        if self._private is not None and self._private[0] < before_round:
-            return self._private[1]
         found = self.store.load(before_round)
         return None if found is None else {k: v.to(self.device) for k, v in found[1].items()}
 
@@ -255,7 +256,6 @@ class Node:
         update = self.algorithm.client_update(params, self.tasks, gen, step, self.device, private)
         if self.store is not None and update.private:
             self.store.save(server_round, update.private)
-            self._private = (server_round, update.private)
         if self.dp:
             metrics = {**self.privacy_report(ledger), "dp_steps": float(step.steps_taken),
                        "budget_exhausted": 0.0}
