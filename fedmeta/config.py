@@ -116,10 +116,14 @@ class ModelConfig:
     pretrained: str = "none"      # none | minilm (item text embeddings + backbone)
     lora: LoraConfig = field(default_factory=LoraConfig)
     private_item_embeddings: bool = False   # per-client item-ID table, never leaves the client
+    # full: softmax over the whole domain catalogue where it fits (up to 2048 items or
+    # algorithm.negatives, else sampled, log-Q corrected); sampled: always sampled
+    loss: str = "full"
 
     def __post_init__(self):
         _choice("model.size", self.size, set(MODEL_SIZES))
         _choice("model.pretrained", self.pretrained, {"none", "minilm"})
+        _choice("model.loss", self.loss, {"full", "sampled"})
         if self.pretrained == "minilm" and self.size != "minilm":
             raise ConfigError("model.pretrained: 'minilm' needs model.size='minilm' "
                               f"(got {self.size!r})")
@@ -140,7 +144,7 @@ class AlgorithmConfig:
     local_lr: float = 0.01        # client-side outer rate
     local_optimizer: str = "adam"  # sgd | adam (fresh each round; applied to the privatised direction)
     users_per_step: int = 32      # tasks per client step (expected batch under DP)
-    negatives: int = 64           # sampled negatives per user for the training loss
+    negatives: int = 1024         # per user, when the training loss samples (model.loss)
     server_optimizer: str = "sgd"  # sgd | adam
     server_lr: float = 1.0        # beta
     variant: str = "fo"           # Per-FedAvg: fo | hf

@@ -64,6 +64,11 @@ class ItemEncoder(nn.Module):
             self.private = nn.Embedding(private_rows, dim + 1,
                                         _weight=torch.zeros(private_rows, dim + 1))
 
+    @property
+    def id_columns(self) -> int:
+        """Feature columns after the tokens that hold ID-table rows, not tokens."""
+        return int(self.private is not None)
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         ids = None
         if self.private is not None:
@@ -155,6 +160,7 @@ def build_model(cfg: ModelConfig, max_len: int, seed: int = 0,
     torch.manual_seed(seed)
     vocab = MODEL_SIZES[cfg.size][4]
     model = SequenceRecommender(bert_config(cfg, max_len), vocab, private_rows)
+    model.loss_kind = cfg.loss        # read by Objective: which batches its loss expects
     if cfg.pretrained == "minilm":
         _load_minilm(model, max_len)
     if cfg.lora.enabled:

@@ -36,14 +36,18 @@ def _loss(params, model, batch):
                                                            | batch["query"]}, "all").mean())
 
 
+@pytest.mark.parametrize("loss", ["full", "sampled"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_fresh_model_starts_within_a_nat_of_the_uniform_loss(seed, synthetic_tasks):
+def test_a_fresh_model_starts_within_a_nat_of_the_uniform_loss(seed, loss, synthetic_tasks):
+    """Uniform = ln(catalogue size): every item competes (full), or the log-Q corrected
+    negatives stand for the whole catalogue (sampled)."""
     tasks, catalog = synthetic_tasks
-    model = build_model(ModelConfig(size="tiny"), 30, seed=seed)
-    batch = Objective.batch(tasks.subset(range(32)), catalog, NEGATIVES,
-                            torch.Generator().manual_seed(seed), torch.device("cpu"))
+    model = build_model(ModelConfig(size="tiny", loss=loss), 30, seed=seed)
+    batch = Objective(model).batch_for(tasks.subset(range(32)), catalog, NEGATIVES,
+                                       torch.Generator().manual_seed(seed), torch.device("cpu"))
+    assert ("neg" in batch) == (loss == "sampled")
     params = meta_parameters(model)
-    uniform = math.log(NEGATIVES + 1)
+    uniform = math.log(catalog.n_items)
     assert abs(_loss(params, model, batch) - uniform) < 1.0
     # what the scale is there for: the raw dot product starts several nats off
     raw = {**params, SCALE: torch.zeros_like(params[SCALE])}

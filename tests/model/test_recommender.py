@@ -10,10 +10,10 @@ from fedmeta.model.recommender import build_model
 from tests.helpers import toy_client
 
 
-def _batch(max_len=10, n=3):
+def _batch(max_len=10, n=3, loss="full"):
     client = toy_client(max_len=max_len)
     return Objective.batch(client.train.subset(range(n)), client.catalog, 6,
-                           torch.Generator().manual_seed(0), torch.device("cpu"))
+                           torch.Generator().manual_seed(0), torch.device("cpu"), loss=loss)
 
 
 def _per_sample_grads(model, batch):
@@ -50,9 +50,10 @@ def test_opacus_covers_every_trainable_parameter(size):
         assert sum(p.numel() for p in model.parameters()) > 80_000_000
 
 
-def test_per_sample_gradient_equals_single_user_gradient():
-    model = build_model(ModelConfig(size="tiny"), max_len=10).double()
-    batch = {k: v for k, v in _batch().items()}
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_per_sample_gradient_equals_single_user_gradient(loss):
+    model = build_model(ModelConfig(size="tiny", loss=loss), max_len=10).double()
+    batch = {k: v for k, v in _batch(loss=loss).items()}
     grads = _per_sample_grads(model, batch)
     for u in range(3):
         model.zero_grad()
@@ -84,3 +85,10 @@ def test_lora_trains_only_adapters():
     assert backbone and all("lora_" in n for n in backbone)
     grads = _per_sample_grads(model, _batch())
     assert all(grads[n] is not None for n in trainable)
+
+
+def test_bad_loss_names_its_key():
+    from fedmeta.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model\.loss: 'softmax'"):
+        ModelConfig(loss="softmax")
