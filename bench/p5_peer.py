@@ -45,8 +45,8 @@ def overrides(quick: bool, privacy: str) -> list[str]:
         base = ["data=synthetic_small", "runtime.rounds=2", "algorithm.local_steps=1",
                 "algorithm.users_per_step=8", "data.max_eval_users=5"]
     else:   # default synthetic data and clients; a budget that fits ~15 min on two cores
-        base = ["data=synthetic", "runtime.rounds=4", "algorithm.local_steps=5",
-                "algorithm.users_per_step=32", "data.max_eval_users=20"]
+        base = ["data=synthetic", "runtime.rounds=3", "algorithm.local_steps=3",
+                "algorithm.users_per_step=32", "data.max_eval_users=10"]
     dp = (["privacy=central", "privacy.central.side=server", "privacy.central.clipping=fixed",
            "privacy.central.noise_multiplier=0.5", "privacy.central.clipping_norm=1.0"]
           if privacy == "central" else ["privacy=none"])

@@ -78,10 +78,13 @@ class ClientData(Dataset):
     drawn like fedmeta's ``Step.sample`` (a fresh permutation per step) with fresh negatives;
     ``len`` is the number of training tasks, which ``WeightByDatapoints`` weighs by."""
 
-    def __init__(self, client, steps: int, negatives: int, seed: int):
+    def __init__(self, client, objective: Objective, steps: int, negatives: int, seed: int):
         super().__init__(raw_data=(client.train.inputs,), user_id=client.client_id)
         self.client, self.steps, self.negatives = client, steps, negatives
         self.gen = torch.Generator().manual_seed(seed)
+        # the batches the model's loss expects (whole catalogue or sampled negatives), as
+        # fedmeta's clients build them; older objectives had one kind only
+        self.make = getattr(objective, "batch_for", Objective.batch)
 
     def __len__(self):
         return len(self.client.train)
@@ -90,8 +93,8 @@ class ClientData(Dataset):
         n = len(self.client.train)
         for _ in range(self.steps):
             idx = torch.randperm(n, generator=self.gen)[:min(batch_size, n)]
-            yield Objective.batch(self.client.train.subset(idx), self.client.catalog,
-                                  self.negatives, self.gen, torch.device("cpu"))
+            yield self.make(self.client.train.subset(idx), self.client.catalog, self.negatives,
+                            self.gen, torch.device("cpu"))
 
 
 class FedAvgNoTrainEval(FederatedAveraging):
@@ -166,14 +169,14 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     a = cfg.algorithm
     training = [c for c in clients if not c.partition.new_client and len(c.train)]
-    datasets = {c.client_id: ClientData(c, a.local_steps, a.negatives,
+    net = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed)
+    net.train()
+    module = Recommender(net)
+    datasets = {c.client_id: ClientData(c, module.objective, a.local_steps, a.negatives,
                                         zlib.crc32(f"peer/{cfg.seed}/{c.client_id}".encode()))
                 for c in training}
     ids = [c.client_id for c in training]
     federated = FederatedDataset(lambda uid: datasets[uid], get_user_sampler("minimize_reuse", ids))
-    net = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed)
-    net.train()
-    module = Recommender(net)
     trainable = [p for p in module.parameters() if p.requires_grad]
     model = PyTorchModel(module, local_optimizer_create=torch.optim.Adam,
                          central_optimizer=torch.optim.SGD(trainable, lr=a.server_lr))
