@@ -1,10 +1,15 @@
-"""``fedmeta-privacy``: plan a privacy budget before training, or measure the trade-off.
+"""``fedmeta-privacy``: plan a privacy budget, audit the mechanism, or measure the trade-off.
 
 ``plan`` answers without training: the noise multiplier that spends a target epsilon over a
 whole run (solved once for all rounds x local steps), or the epsilon a noise multiplier
-spends. ``--central`` plans client-level central DP instead (one Gaussian aggregation per
-round at the client sampling rate). ``--verify`` also shows Google's dp_accounting value and
-fails when the two accountants disagree.
+spends. Every epsilon is computed by Opacus and by Google's dp_accounting and the larger is
+stated, with its delta. ``--central`` plans client-level central DP instead (one Gaussian
+aggregation per round at the client sampling rate). ``--verify`` also shows both values and
+fails when the two accountants disagree where they compute the same quantity. Without
+``--delta``, ``--users N`` is required and delta = 1/(10 N).
+
+``audit`` plants canary users in a client's privatised run and reports the empirical epsilon
+lower bound (one-run audit) beside the accountant's epsilon.
 
 ``grid`` trains the same data and seed under local DP at several target epsilons and
 central DP at several noise multipliers, and tabulates utility against the verified epsilon.
@@ -13,12 +18,14 @@ Usage::
 
     fedmeta-privacy plan --target-epsilon 4 --delta 1e-3 --rounds 10 --local-steps 4 \\
         --sample-rate 0.1 --verify
-    fedmeta-privacy plan --central --noise-multiplier 1.0 --delta 1e-5 --rounds 50 \\
+    fedmeta-privacy plan --central --noise-multiplier 1.0 --users 200 --rounds 50 \\
         --sample-rate 0.5
+    fedmeta-privacy audit --epsilons 1 4 8 inf --out outputs/audit
     fedmeta-privacy grid --local-eps 1 8 inf --central-noise 1.0 --out outputs/privacy \\
         runtime.rounds=5
 
-Exit status: 0 ok, 1 an epsilon failed its independent check (or a run failed), 2 bad input.
+Exit status: 0 ok, 1 an epsilon failed its independent check, an audit's lower bound exceeds
+the accountant's epsilon, or a run failed; 2 bad input.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ from pathlib import Path
 from fedmeta.config import ConfigError
 from fedmeta.data.schema import DataError
 from fedmeta.privacy.accounting import MECHANISMS
-from fedmeta.privacy.planning import PlanQuery, epsilon_for_noise, noise_for_budget, plan
+from fedmeta.privacy.audit import CANARY_KINDS, FILLER_KINDS, AuditSetup, audit
+from fedmeta.privacy.audit import table_markdown as audit_table
+from fedmeta.privacy.audit import violations, write_report
+from fedmeta.privacy.planning import PlanQuery, check_delta_policy, default_delta, plan
 from fedmeta.privacy.tradeoff import (DEFAULT_CENTRAL_NOISE, DEFAULT_LOCAL_EPS,
                                       DEFAULT_OVERRIDES, EpsilonCheckError, failed_checks,
                                       footnotes, run_grid, table_markdown)
@@ -91,7 +101,12 @@ def parser() -> argparse.ArgumentParser:
     what = pl.add_mutually_exclusive_group(required=True)
     what.add_argument("--target-epsilon", type=positive, help="solve the noise for this budget")
     what.add_argument("--noise-multiplier", type=positive, help="epsilon spent at this noise")
-    pl.add_argument("--delta", type=open_unit, required=True)
+    pl.add_argument("--delta", type=open_unit,
+                    help="delta of the guarantee (default: 1/(10 N) with --users N)")
+    pl.add_argument("--users", type=count,
+                    help="N: users of the client (local) or clients of the federation "
+                         "(central); required without --delta, and --delta may not exceed "
+                         "1/(10 N)")
     pl.add_argument("--rounds", type=count, required=True)
     pl.add_argument("--local-steps", type=count,
                     help="DP-SGD steps per round inside a client (local DP only)")
@@ -102,7 +117,30 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--central", action="store_true",
                     help="client-level central DP: one noisy aggregation per round")
     pl.add_argument("--verify", action="store_true",
-                    help="also compute with dp_accounting; exit 1 if they disagree")
+                    help="show both accountants' values and compare them like with like; "
+                         "exit 1 if they disagree")
+
+    au = sub.add_parser("audit", help="empirical epsilon lower bound from canary users",
+                        description="One-run audit (Steinke, Nasr & Jagielski 2023) of the "
+                                    "local DP step: canary users, each included with "
+                                    "probability 1/2, in one client's privatised run.")
+    au.add_argument("--epsilons", type=positive_or_inf, nargs="+", default=[1, 4, 8, math.inf],
+                    metavar="EPS", help="target epsilons; inf = no noise (default: 1 4 8 inf)")
+    au.add_argument("--out", type=Path, default=Path("outputs/privacy_audit"))
+    au.add_argument("--canaries", type=count, default=AuditSetup.canaries)
+    au.add_argument("--fillers", type=int, default=AuditSetup.fillers,
+                    help="non-canary users of the client (default: %(default)s)")
+    au.add_argument("--dim", type=int, default=AuditSetup.dim,
+                    help="dimension of the directions (0: canaries + 1000)")
+    au.add_argument("--rounds", type=count, default=AuditSetup.rounds)
+    au.add_argument("--local-steps", type=count, default=AuditSetup.local_steps)
+    au.add_argument("--sample-rate", type=rate, default=AuditSetup.sample_rate)
+    au.add_argument("--delta", type=open_unit, default=AuditSetup.delta)
+    au.add_argument("--confidence", type=open_unit, default=AuditSetup.confidence)
+    au.add_argument("--canary", choices=CANARY_KINDS, default=AuditSetup.canary)
+    au.add_argument("--filler", choices=FILLER_KINDS, default=AuditSetup.filler)
+    au.add_argument("--mechanism", choices=MECHANISMS, default=AuditSetup.mechanism)
+    au.add_argument("--seed", type=int, default=AuditSetup.seed)
 
     gr = sub.add_parser("grid", help="utility vs epsilon over local and central DP settings",
                         description="Hydra overrides (key=value) may appear anywhere; "
@@ -143,7 +181,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 # ---- plan -------------------------------------------------------------------------------
 FLAG_OF = {"target_epsilon": "--target-epsilon", "noise_multiplier": "--noise-multiplier",
            "sample_rate": "--sample-rate", "delta": "--delta", "local_steps": "--local-steps",
-           "rounds": "--rounds", "mechanism": "--mechanism"}
+           "rounds": "--rounds", "mechanism": "--mechanism", "users": "--users"}
 
 
 def flag_for(message: str) -> str:
@@ -153,46 +191,49 @@ def flag_for(message: str) -> str:
     return "input"
 
 
-def answer(q: PlanQuery, verify: bool) -> dict:
-    """The plan; dp_accounting's independent values only when asked (they cost time)."""
-    if verify:
-        return plan(q)
-    total = q.total_steps
-    out = {"noise_for_target": None, "epsilon_at_noise_for_target": None,
-           "epsilon_for_noise": None, "independent": {}, "agrees": True}
-    if q.target_epsilon is not None:
-        sigma = noise_for_budget(q.target_epsilon, q.delta, q.sample_rate, total, q.mechanism)
-        out["noise_for_target"] = sigma
-        out["epsilon_at_noise_for_target"] = epsilon_for_noise(sigma, q.delta, q.sample_rate,
-                                                               total, q.mechanism)
-    if q.noise_multiplier is not None:
-        out["epsilon_for_noise"] = epsilon_for_noise(q.noise_multiplier, q.delta, q.sample_rate,
-                                                     total, q.mechanism)
-    return out
+def at(eps: float, delta: float) -> str:
+    """An epsilon is never printed without its delta."""
+    return f"{eps:.4f} at delta={delta:.3g}"
 
 
-def plan_table(q: PlanQuery, result: dict, central: bool, verify: bool) -> str:
+def plan_table(q: PlanQuery, result: dict, central: bool, verify: bool,
+               users: int | None = None) -> str:
     mode = ("central: client-level DP, one noisy aggregation per round" if central else
             "local: user-level DP-SGD inside each client")
     steps = (f"{q.rounds} rounds" if central else
              f"{q.rounds} rounds x {q.local_steps} local steps = {q.total_steps}")
-    rows = [("mode", mode), ("mechanism", q.mechanism), ("delta", f"{q.delta:.3g}"),
-            ("sample rate", f"{q.sample_rate:.6g}"), ("steps", steps)]
+    rows = [("mode", mode), ("mechanism", q.mechanism), ("delta", f"{q.delta:.3g}")]
+    if users is not None:
+        rows.append(("delta policy", f"<= 1/(10 x {users} {'clients' if central else 'users'})"
+                                     f" = {default_delta(users):.3g}"))
+    rows += [("sample rate", f"{q.sample_rate:.6g}"), ("steps", steps)]
     if q.target_epsilon is not None:
         key = "epsilon_at_noise_for_target"
         rows += [("target epsilon", f"{q.target_epsilon:g}"),
-                 ("noise multiplier (solved)", f"{result['noise_for_target']:.4f}"),
-                 ("epsilon spent", f"{result[key]:.4f}")]
+                 ("noise multiplier (solved)", f"{result['noise_for_target']:.4f}")]
     else:
         key = "epsilon_for_noise"
-        rows += [("noise multiplier", f"{q.noise_multiplier:g}"),
-                 ("epsilon spent", f"{result[key]:.4f}")]
+        rows += [("noise multiplier", f"{q.noise_multiplier:g}")]
+    rows.append(("epsilon spent (larger of both accountants)", at(result[key], q.delta)))
     if verify:
-        rows += [("epsilon (dp_accounting)", f"{result['independent'][key]:.4f}"),
+        rows += [("epsilon (opacus)", at(result["opacus"][key], q.delta)),
+                 ("epsilon (dp_accounting)", at(result["independent"][key], q.delta)),
+                 ("like-with-like check", result["checks"][key]),
                  ("accountants agree", "yes" if result["agrees"] else "NO")]
     lines = ["| quantity | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def plan_delta(args) -> float:
+    """--delta as given (within the 1/(10 N) policy when --users is known), else 1/(10 N)."""
+    if args.delta is None and args.users is None:
+        raise ValueError("delta: give --delta, or --users N for the default 1/(10 N)")
+    if args.delta is None:
+        return default_delta(args.users)
+    if args.users is not None:
+        return check_delta_policy(args.delta, args.users)
+    return args.delta
 
 
 def plan_command(args, p: argparse.ArgumentParser) -> int:
@@ -206,17 +247,55 @@ def plan_command(args, p: argparse.ArgumentParser) -> int:
               "planning", file=sys.stderr)
         return 2
     try:
-        q = PlanQuery(args.target_epsilon, args.noise_multiplier, args.delta, args.rounds,
-                      1 if args.central else args.local_steps, args.sample_rate,
+        q = PlanQuery(args.target_epsilon, args.noise_multiplier, plan_delta(args),
+                      args.rounds, 1 if args.central else args.local_steps, args.sample_rate,
                       args.mechanism)
-        result = answer(q, args.verify)
+        result = plan(q, verify=args.verify)
     except ValueError as err:
         print(f"{sub}: error: argument {flag_for(str(err))}: {err}", file=sys.stderr)
         return 2
-    print(plan_table(q, result, args.central, args.verify))
+    print(plan_table(q, result, args.central, args.verify, args.users))
     if args.verify and not result["agrees"]:
-        print(f"{sub}: error: Opacus and dp_accounting disagree beyond tolerance; do not "
-              "rely on this epsilon", file=sys.stderr)
+        print(f"{sub}: error: Opacus and dp_accounting disagree where they compute the same "
+              "quantity; do not rely on this epsilon", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- audit ------------------------------------------------------------------------------
+AUDIT_KEYS = ("canaries", "fillers", "dim", "confidence", "delta", "sample_rate", "rounds",
+              "local_steps", "canary", "filler", "mechanism")
+
+
+def audit_command(args, argv: list[str]) -> int:
+    sub = f"{PROG} audit"
+    try:
+        setup = AuditSetup(canaries=args.canaries, fillers=args.fillers, dim=args.dim,
+                           rounds=args.rounds, local_steps=args.local_steps,
+                           sample_rate=args.sample_rate, delta=args.delta,
+                           confidence=args.confidence, canary=args.canary, filler=args.filler,
+                           mechanism=args.mechanism, seed=args.seed)
+        results = []
+        for eps in args.epsilons:
+            results.append(audit(setup, eps))
+            r = results[-1]
+            print(f"epsilon {eps:g}: lower bound {r.lower_bound:.2f} (accountant "
+                  f"{r.epsilon:.3f} at delta={r.delta:.3g}), {r.correct}/{r.guesses} correct, "
+                  f"{r.seconds:.1f} s", file=sys.stderr)
+    except ValueError as err:
+        flag = next((f"--{k.replace('_', '-')}" for k in AUDIT_KEYS if str(err).startswith(k)),
+                    flag_for(str(err)))
+        print(f"{sub}: error: argument {flag}: {err}", file=sys.stderr)
+        return 2
+    command = " ".join([PROG, *argv])
+    write_report(results, setup, args.out, command)
+    print(audit_table(results))
+    print(f"\n{args.out / 'audit.json'}, {args.out / 'audit.md'}")
+    bad = violations(results)
+    if bad:
+        print(f"{sub}: error: the empirical lower bound EXCEEDS the accountant's epsilon for "
+              f"target(s) {', '.join(f'{r.target_epsilon:g}' for r in bad)}: the mechanism "
+              "leaks more than it claims", file=sys.stderr)
         return 1
     return 0
 
@@ -261,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     if args.command == "plan":
         return plan_command(args, p)
+    if args.command == "audit":
+        return audit_command(args, rest)
     return grid_command(args, overrides + list(args.overrides))
 
 
