@@ -41,8 +41,8 @@ TINY = ["data=synthetic_small", "model=tiny", "runtime.rounds=2", "algorithm.loc
         "algorithm.users_per_step=4", "algorithm.negatives=8", "algorithm.inner_steps=1",
         "data.max_eval_users=2", "runtime.plots=false", "algorithm.local_optimizer=sgd",
         "algorithm.local_lr=1.0", "privacy=local", "privacy.local.target_epsilon=null",
-        "privacy.local.noise_multiplier=1.0"]
-SIGMA, CLIP = 1.0, 1.0
+        "privacy.local.noise_multiplier=2.0"]
+SIGMA, CLIP = 2.0, 1.0     # sigma 2: Opacus RDP at q ~ 0.1 is ~3x faster than at 1
 TOKEN_TABLE = "items.tokens.weight"
 
 
