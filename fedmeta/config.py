@@ -119,11 +119,15 @@ class ModelConfig:
     # full: softmax over the whole domain catalogue where it fits (up to 2048 items or
     # algorithm.negatives, else sampled, log-Q corrected); sampled: always sampled
     loss: str = "full"
+    # shared: a learned ID row per catalogue item of every domain (a meta-parameter, sized by
+    # build_model(item_rows=...)), summed with the attribute/text encoding; none: features only
+    item_ids: str = "shared"
 
     def __post_init__(self):
         _choice("model.size", self.size, set(MODEL_SIZES))
         _choice("model.pretrained", self.pretrained, {"none", "minilm"})
         _choice("model.loss", self.loss, {"full", "sampled"})
+        _choice("model.item_ids", self.item_ids, {"none", "shared"})
         if self.pretrained == "minilm" and self.size != "minilm":
             raise ConfigError("model.pretrained: 'minilm' needs model.size='minilm' "
                               f"(got {self.size!r})")
@@ -132,11 +136,11 @@ class ModelConfig:
                self.max_tokens_per_item)
 
 
-ALGORITHMS = {"fedavg", "reptile", "fomaml", "maml", "perfedavg"}
-
-
 @dataclass
 class AlgorithmConfig:
+    """Keys every algorithm has; an algorithm with more subclasses this and names its class
+    in its ``Config`` attribute (see :mod:`fedmeta.algorithms.registry`)."""
+
     name: str = "fomaml"
     inner_steps: int = 3          # k adaptation steps on a user's support set
     inner_lr: float = 0.02        # alpha (plain SGD; 0.1 already overshoots on the tiny model)
@@ -147,16 +151,12 @@ class AlgorithmConfig:
     negatives: int = 1024         # per user, when the training loss samples (model.loss)
     server_optimizer: str = "sgd"  # sgd | adam
     server_lr: float = 1.0        # beta
-    variant: str = "fo"           # Per-FedAvg: fo | hf
-    hf_delta: float = 1e-3        # Per-FedAvg HF finite-difference step
     finetune_steps: int = -1      # evaluation adaptation steps; -1 = inner_steps
 
     def __post_init__(self):
-        _choice("algorithm.name", self.name, ALGORITHMS)
         _choice("algorithm.server_optimizer", self.server_optimizer, {"sgd", "adam"})
         _choice("algorithm.local_optimizer", self.local_optimizer, {"sgd", "adam"})
-        _choice("algorithm.variant", self.variant, {"fo", "hf"})
-        for key in ("inner_lr", "local_lr", "server_lr", "hf_delta"):
+        for key in ("inner_lr", "local_lr", "server_lr"):
             _check(f"algorithm.{key}", getattr(self, key) > 0, "must be > 0", getattr(self, key))
         for key in ("local_steps", "users_per_step", "negatives"):
             _check(f"algorithm.{key}", getattr(self, key) >= 1, "must be >= 1", getattr(self, key))
@@ -252,6 +252,7 @@ class RuntimeConfig:
                                   # tables); "" = <run dir>/nodes
     silo_dir: str = ""            # where the silos are written; "" = <run dir>/silos
     verbose: bool = False         # Flower/Ray INFO logs on the console
+    ray_address: str = ""         # simulation on an existing Ray cluster ("host:6379"); "" = private
     # Server-side reproducibility (client sample, central-DP noise): as for
     # privacy.local.reproducible_secret, "" means the OS CSPRNG.
     reproducible_secret: str = ""
@@ -282,12 +283,17 @@ class ExperimentConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # untyped here: each algorithm's own schema (fedmeta.algorithms.registry) validates it,
+    # so keys of another algorithm are refused by name
+    algorithm: Any = field(default_factory=lambda: {"name": "fomaml"})
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output_dir: str = "."
 
     def __post_init__(self):
+        from fedmeta.algorithms.registry import algorithm_config
+
+        self.algorithm = algorithm_config(self.algorithm)
         local = self.privacy.local
         if local.enabled and local.grad_sample_mode != "functorch" and self.algorithm.name != "fedavg":
             raise ConfigError("privacy.local.grad_sample_mode: 'hooks'/'ghost' compute per-sample "

@@ -79,11 +79,12 @@ class Deployment:
 
     def __init__(self, workdir: str | Path, sup: Supervisor | None = None, *,
                  insecure: bool = False, port: int | None = None,
-                 echo: Callable[[str], None] = print, timeout: float = 60.0):
+                 echo: Callable[[str], None] = print, timeout: float = 60.0,
+                 extra_env: dict[str, str] | None = None):
         self.workdir = Path(workdir).resolve()
         self.flwr_home = self.workdir / "flwr-home"
         self.cert_dir = self.workdir / "certs"
-        self.env = child_env(self.flwr_home)
+        self.env = {**child_env(self.flwr_home), **(extra_env or {})}
         self.sup = sup or Supervisor(self.workdir / "logs", self.env)
         self.insecure = insecure
         self.port = port
@@ -117,7 +118,9 @@ class Deployment:
             self.start_supernode(i, n_nodes, keys[i].private if keys else None)
         self.wait_online(n_nodes)
 
-    def start_superlink(self) -> Proc:
+    def start_superlink(self, simulation: bool = False) -> Proc:
+        """``simulation``: the SuperLink runs Flower's simulation runtime (virtual SuperNodes
+        on Ray) instead of waiting for real SuperNodes."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         _check_port_free(self.port)      # else our readiness probe would reach the other server
@@ -126,6 +129,8 @@ class Deployment:
             path.unlink(missing_ok=True)  # fresh state: no stale runs, nodes or key registrations
         argv = [str(self.bin / "flower-superlink"), "--port", str(self.port), "--host", LOOPBACK,
                 "--database", str(database), "--disable-runtime-dependency-installation"]
+        if simulation:
+            argv.append("--simulation")
         if self.insecure:
             argv.append("--insecure")
         else:
@@ -223,14 +228,21 @@ class Deployment:
                 raise DeployError(f"{p.name} exited with code {p.popen.returncode}; "
                                   f"log {p.log_path}:\n{p.tail()}")
 
-    def submit(self, app_dir: str | Path, run_config: dict, timeout: float | None = None) -> str:
+    def submit(self, app_dir: str | Path, run_config: dict, timeout: float | None = None,
+               federation_config: dict | None = None) -> str:
         """``flwr run --stream``: relay the ServerApp's log; return the run id once the run
-        finished and the SuperLink reports it completed."""
+        finished and the SuperLink reports it completed (``flwr run`` itself exits 0 for a
+        failed run, so the status is asked for separately)."""
         cfg_path = self.workdir / "run-config.toml"
         cfg_path.write_text("".join(f"{k} = {json.dumps(v, ensure_ascii=False)}\n"
                                     for k, v in run_config.items()))
-        run = self.sup.start("flwr-run", [str(self.bin / "flwr"), "run", str(app_dir), CONNECTION,
-                                          "--stream", "--run-config", str(cfg_path)], pipe=True)
+        argv = [str(self.bin / "flwr"), "run", str(app_dir), CONNECTION, "--stream",
+                "--run-config", str(cfg_path)]
+        if federation_config:
+            argv += ["--federation-config", " ".join(
+                f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
+                for k, v in federation_config.items())]
+        run = self.sup.start("flwr-run", argv, pipe=True)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(run.popen.stdout, lines), daemon=True).start()
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -1,9 +1,12 @@
 """``fedmeta-simulate``: a Hydra main over ``configs/`` that runs one experiment per job.
 
-``runtime.kind=simulation`` (the default) runs the Flower ServerApp and ClientApp under
-Flower's simulation runtime with the Ray backend, one virtual SuperNode per federation client
-(training and held-out new clients alike), each with ``runtime.num_cpus`` / ``runtime.num_gpus``
-(fractions allowed); clients use CUDA when Ray gives them a GPU. ``runtime.kind=inprocess``
+``runtime.kind=simulation`` (the default) runs the Flower ServerApp and ClientApp the way
+``flwr run`` does: a SuperLink with Flower's simulation runtime (owned by this process) and
+``flwr run`` of this app, one virtual SuperNode per federation client (training and held-out
+new clients alike) on Ray, each with ``runtime.num_cpus`` (whole CPUs) / ``runtime.num_gpus``
+(fractions allowed); clients use CUDA when Ray gives them a GPU; ``runtime.ray_address`` runs
+on an existing Ray cluster. At start-up the engine cuts the silos and writes one node file
+per virtual SuperNode (``FEDMETA_NODES_DIR``); it never sends them. ``runtime.kind=inprocess``
 runs the plain reference loop with as many torch threads as one simulated client gets
 (``runtime.num_cpus``, which Ray passes to its actors as ``OMP_NUM_THREADS``): torch's sums
 depend on the thread count, and with a matching count both runtimes give identical metrics
@@ -11,22 +14,24 @@ for the same config and seed. Outputs go to the Hydra run directory (``-m`` swee
 sub-directory per job).
 
 The config is resolved and checked first: an invalid value exits with status 2 and a
-one-line message naming the key, before data is loaded or Ray starts. The Hydra overrides of
-the job are what the apps receive (the ServerApp in its run config, the clients inside every
-message), so every process composes the same experiment from ``configs/``.
+one-line message naming the key, before data is loaded or Ray starts; a run that fails (a
+refused node, a wrong SuperNode count) exits 1. The ServerApp receives the resolved config as
+JSON in its run config; nodes receive only their node files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import json
+import re
 import sys
 from pathlib import Path
 
 from fedmeta.config import ConfigError, ExperimentConfig, resolve
 from fedmeta.data.schema import DataError
 from fedmeta.runtime.hydra_config import config_dir, register
+from server.supervisor import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,10 @@ def _fail(err: Exception) -> None:
 def check_resources(cfg: ExperimentConfig) -> dict:
     """Ray client resources; requests Ray could never grant fail here instead of hanging."""
     cpus = os.cpu_count() or 1
-    if cfg.runtime.num_cpus > cpus:
+    if cfg.runtime.num_cpus != int(cfg.runtime.num_cpus):
+        raise ConfigError(f"runtime.num_cpus: {cfg.runtime.num_cpus} is not a whole number (Flower's "
+                          "simulation gives each virtual SuperNode whole CPUs)")
+    if cfg.runtime.num_cpus > cpus and not cfg.runtime.ray_address:
         raise ConfigError(f"runtime.num_cpus: {cfg.runtime.num_cpus} per client but this machine "
                           f"has {cpus} CPUs; no client could ever be scheduled")
     gpus = cfg.runtime.num_gpus
@@ -77,29 +85,60 @@ def prepare(cfg: ExperimentConfig, out_dir: Path) -> tuple[Path, Path]:
 
 
 def simulate(cfg: ExperimentConfig, out_dir: Path, resources: dict | None = None) -> None:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flwr.simulation import run_simulation
-
+    """Flower's current simulation path: a SuperLink with the simulation runtime that this
+    process owns (so its environment reaches every Ray worker and nothing outlives the run),
+    and ``flwr run`` of this app with one virtual SuperNode per node file."""
     from clients.app import NODES_DIR_ENV
-    from clients.app import app as client_app
     from fedmeta.config import to_dict
-    from server.app import make_server_app
-    from server.supervisor import reap_descendants
+    from server.deploy import REPO_ROOT, Deployment
 
     resources = resources or check_resources(cfg)
     silo_root, nodes_dir = prepare(cfg, out_dir)
     n = len(list(nodes_dir.glob("node-*.json")))
-    os.environ[NODES_DIR_ENV] = str(nodes_dir.resolve())   # inherited by Ray's workers
-    log.info("Flower simulation: %d SuperNodes, %s each, outputs in %s", n, resources, out_dir)
-    server_app = make_server_app({"experiment": json.dumps(to_dict(cfg)),
-                                  "output-dir": str(out_dir), "federation": str(silo_root)})
-    with reap_descendants():
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
-                       backend_name="ray", backend_config={"client_resources": resources})
+    verbose, rt = cfg.runtime.verbose, cfg.runtime
+    env = {NODES_DIR_ENV: str(nodes_dir.resolve()),
+           # a private Ray instance unless a cluster is named: never a stray head on the machine
+           "RAY_ADDRESS": rt.ray_address or "local",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",     # keeps Ray on loopback addresses
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+           "FLWR_LOG_LEVEL": "INFO" if verbose else "ERROR", "RAY_DEDUP_LOGS": "1"}
+    federation = {"num-supernodes": n, "client-resources-num-cpus": int(resources["num_cpus"]),
+                  "client-resources-num-gpus": float(resources["num_gpus"])}
+    if not rt.ray_address:
+        federation["init-args-num-cpus"] = os.cpu_count() or 1
+    if not verbose:
+        federation.update({"init-args-logging-level": "ERROR", "init-args-log-to-driver": False})
+    run_config = {"experiment": json.dumps(to_dict(cfg)), "output-dir": str(out_dir.resolve()),
+                  "federation": str(silo_root.resolve())}
+    log.info("Flower simulation: %d virtual SuperNodes, %s each, outputs in %s", n, resources,
+             out_dir)
+    from server.app import echo_line
+
+    from server.supervisor import Supervisor
+
+    sup = Supervisor(out_dir / "flower" / "logs", None, grace=5.0)
+    with Deployment(out_dir / "flower", sup, insecure=True, echo=_relay(echo_line, verbose),
+                    extra_env=env, timeout=120.0) as dep:
+        sup.env = dep.env
+        dep.start_superlink(simulation=True)
+        dep.submit(REPO_ROOT, run_config, federation_config=federation)
     if not (out_dir / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without writing {out_dir / 'summary.json'}; "
-                           "see the ServerApp log above")
+                           f"see {out_dir / 'flower' / 'logs'}")
+
+
+_CHATTER = re.compile(r"^(\S+ \S+:(DEBUG|INFO):|(INFO|DEBUG)\s*:|SuperLink on |Using SuperLink|"
+                      r"Loading project|Successfully|🎊)")
+
+
+def _relay(echo, verbose: bool):
+    """The ServerApp's lines as they come; Flower's and Ray's DEBUG/INFO chatter only with
+    runtime.verbose (warnings and errors always pass)."""
+    def relay(line: str) -> None:
+        if verbose or not _CHATTER.match(line.strip() and line or "x"):
+            if line.strip():
+                echo(line)
+    return relay
 
 
 def _job(raw) -> None:
@@ -126,9 +165,23 @@ def _job(raw) -> None:
             torch.set_num_threads(max(1, int(cfg.runtime.num_cpus)))
             run(cfg, out_dir, echo=echo_line)
         else:
-            simulate(cfg, out_dir, resources)
+            from server.supervisor import raise_on_signals
+
+            with raise_on_signals():        # Ctrl-C: stop the SuperLink, Ray and all, then exit
+                simulate(cfg, out_dir, resources)
     except (ConfigError, DataError) as err:
         _fail(err)
+    except Interrupted as err:
+        print(f"fedmeta-simulate: {err}: every Flower and Ray process stopped", file=sys.stderr,
+              flush=True)
+        sys.exit(128 + err.signum)
+    except Exception as err:       # the run failed (a refused node, a crashed ServerApp...)
+        from server.deploy import DeployError
+
+        if not isinstance(err, (DeployError, RuntimeError)):
+            raise
+        print(f"fedmeta-simulate: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def main() -> None:

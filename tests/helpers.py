@@ -38,7 +38,9 @@ def tiny_model(max_len: int = 10, seed: int = 0):
 
 
 def algo_cfg(**kw) -> AlgorithmConfig:
+    from fedmeta.algorithms.registry import algorithm_config
+
     base = dict(inner_steps=2, inner_lr=0.1, local_steps=2, local_lr=0.1, users_per_step=4,
                 negatives=8)
     base.update(kw)
-    return AlgorithmConfig(**base)
+    return algorithm_config(base)

@@ -67,3 +67,17 @@ def test_unknown_synthetic_key_is_a_config_error():
 
     with pytest.raises(ConfigError, match="data.synthetic"):
         load_data(compose(["+data.synthetic.n_userz=5"]))
+
+
+def test_each_algorithm_has_its_own_schema_and_refuses_other_keys():
+    from fedmeta.algorithms.registry import algorithm_config, names
+    from fedmeta.runtime.hydra_config import compose
+
+    assert set(names()) == {"fedavg", "reptile", "fomaml", "maml", "perfedavg"}
+    assert compose(["algorithm=perfedavg"]).algorithm.variant == "hf"
+    with pytest.raises(ConfigError, match=r"algorithm\.variant: not a key of 'fedavg'"):
+        compose(["algorithm=fedavg", "+algorithm.variant=hf"])
+    with pytest.raises(ConfigError, match=r"algorithm\.name"):
+        algorithm_config({"name": "nope"})
+    with pytest.raises(ConfigError, match=r"algorithm\.variant"):
+        algorithm_config({"name": "perfedavg", "variant": "so"})

@@ -7,11 +7,15 @@ from fedmeta.algorithms.objective import Objective
 from fedmeta.algorithms.perfedavg import PerFedAvg
 from fedmeta.algorithms.reptile import Reptile
 
-ALGORITHMS = {cls.name: cls for cls in (FedAvg, Reptile, FOMAML, MAML, PerFedAvg)}
+from fedmeta.algorithms.registry import REGISTRY, register
+
+for _cls in (FedAvg, Reptile, FOMAML, MAML, PerFedAvg):
+    register(_cls)
+ALGORITHMS = REGISTRY
 
 
 def build_algorithm(cfg, objective: Objective) -> Algorithm:
-    return ALGORITHMS[cfg.name](cfg, objective)
+    return REGISTRY[cfg.name](cfg, objective)
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientUpdate", "FOMAML", "FedAvg", "MAML", "Objective",

@@ -53,6 +53,7 @@ class Step:
 
 class Algorithm:
     name = "base"
+    Config = AlgorithmConfig        # the algorithm's config schema (a subclass adds its keys)
 
     def __init__(self, cfg: AlgorithmConfig, objective: Objective):
         self.cfg, self.objective = cfg, objective

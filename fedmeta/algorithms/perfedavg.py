@@ -9,14 +9,31 @@ One inner step (the personalisation step Per-FedAvg is defined with), then:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch.func import grad
 
 from fedmeta.algorithms.base import Algorithm
 from fedmeta.algorithms.objective import Params
+from fedmeta.config import AlgorithmConfig, ConfigError
+
+
+@dataclass
+class PerFedAvgConfig(AlgorithmConfig):
+    variant: str = "fo"           # fo | hf
+    hf_delta: float = 1e-3        # HF finite-difference step
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in ("fo", "hf"):
+            raise ConfigError(f"algorithm.variant: {self.variant!r} is not one of ['fo', 'hf']")
+        if not self.hf_delta > 0:
+            raise ConfigError(f"algorithm.hf_delta: {self.hf_delta!r} is invalid (must be > 0)")
 
 
 class PerFedAvg(Algorithm):
     name = "perfedavg"
+    Config = PerFedAvgConfig
 
     def user_updates(self, params: Params, batch) -> Params:
         obj, lr, delta = self.objective, self.cfg.inner_lr, self.cfg.hf_delta

@@ -28,7 +28,7 @@ from fedmeta.runtime.inprocess import build_nodes, run
 from fedmeta.runtime.node import build_tasks
 from fedmeta.runtime.results import domain_table
 
-METHODS = ["popularity", "fedavg", "reptile", "fomaml", "maml"]
+METHODS = ["popularity", "fedavg", "reptile", "fomaml", "maml"]   # the default selection
 REPORT = [("cold", "ndcg@10"), ("cold", "hr@10"), ("new-client", "ndcg@10"),
           ("new-client", "hr@10"), ("warm", "ndcg@10"), ("warm", "hr@10")]
 
@@ -124,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [m for m in args.methods if "=" in m] + list(args.overrides)
     args.methods = [m for m in args.methods if "=" not in m]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    unknown = [m for m in args.methods if m not in METHODS + ["perfedavg"]]
+    from fedmeta.algorithms.registry import names
+
+    known = ["popularity", *names()]
+    unknown = [m for m in args.methods if m not in known]
     if unknown:
-        print(f"fedmeta-compare: unknown method(s) {unknown}; choose from {METHODS + ['perfedavg']}",
+        print(f"fedmeta-compare: unknown method(s) {unknown}; choose from {known}",
               file=sys.stderr)
         return 2
     try:

@@ -83,3 +83,40 @@ def test_simulation_with_ray_writes_every_output_and_leaves_no_process(tmp_path)
         assert (out / "nodes" / cid / "privacy_ledger.json").exists()
         assert (out / "silos" / cid / "silo.json").exists()
     assert "client_privacy" in json.loads((out / "checkpoint" / "state.json").read_text())
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_round_one_stops_everything(tmp_path):
+    """SIGINT while Ray actors train round 1: the command exits promptly (the README records
+    the measured time), names the signal, and leaves no Flower or Ray process behind."""
+    import signal
+    import time
+
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen([str(EXE), *TINY, "runtime.rounds=5",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FEDMETA_TEST_MARKER": marker})
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any("ray::" in " ".join(p.cmdline()) for p in _leftovers(marker)
+                   if p.is_running()):
+                break                       # Ray actors exist: round 1 is under way
+            time.sleep(1.0)
+        assert proc.poll() is None, proc.communicate()
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        left = _leftovers(marker)
+        for p in left:
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "SIGINT" in err and "stopped" in err
+    assert not left, [(p.pid, p.name()) for p in left]
+    assert took < 30, took
+    assert not (tmp_path / "run" / "summary.json").exists()
