@@ -1,10 +1,16 @@
-"""Item featurisation: attributes and text -> a fixed-width row of token ids.
+"""Item featurisation: attributes and text -> a fixed-width row of token ids, plus ID columns.
 
-Catalogues of different domains (and clients) are disjoint, so an item can only be
-represented through what it *is* (category, brand, topic, words of its title), never by a
-global ID. Both featurisers map an item to at most ``width`` token ids; id 0 is padding and
-``BOS_TOKEN`` marks the start-of-sequence pseudo item, so a user with a single interaction
-still yields one training target (predict the first item from nothing).
+Catalogues of different domains (and clients) are disjoint, so what transfers between them is
+what an item *is* (category, brand, topic, words of its title). Both featurisers map an item
+to at most ``width`` token ids; id 0 is padding and ``BOS_TOKEN`` marks the start-of-sequence
+pseudo item, so a user with a single interaction still yields one training target (predict
+the first item from nothing).
+
+Within a domain, attributes rarely tell items apart (on implicit-feedback sets most items
+share every feature with another one), so two optional ID columns follow the tokens, in
+this order: the row of the *shared* item-ID table (:class:`SharedItemIds`, one row per item of
+every domain's catalogue, a meta-parameter) and the row of the client's *private* table
+(:func:`with_item_ids`, never sent).
 
 Hashing uses ``zlib.crc32`` (stable across processes and machines, unlike ``hash()``), so
 every client featurises the same attribute to the same id without sharing a vocabulary.
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import re
 import zlib
+from dataclasses import dataclass
+from typing import Mapping
 
 import pandas as pd
 import torch
@@ -88,8 +96,49 @@ def featurize_items(items: pd.DataFrame, featurizer, attribute_columns: list[str
     return rows
 
 
+@dataclass(frozen=True)
+class SharedItemIds:
+    """Where each domain's items sit in the shared item-ID table.
+
+    Row 0 means "no item" (padding, BOS) and never moves; domains follow in sorted name
+    order, each taking one row per catalogue item, so every process that knows the
+    catalogue sizes (public: the federation manifest lists them) derives the same layout,
+    and the table is ``rows`` long: ``build_model(..., item_rows=layout.rows)``.
+    """
+
+    offsets: Mapping[str, int]
+    sizes: Mapping[str, int]
+
+    @classmethod
+    def for_catalogues(cls, sizes: Mapping[str, int]) -> "SharedItemIds":
+        offsets, start = {}, 1
+        for domain in sorted(sizes):
+            if int(sizes[domain]) < 0:
+                raise ValueError(f"catalogue size of {domain!r} must be >= 0, got {sizes[domain]}")
+            offsets[domain], start = start, start + int(sizes[domain])
+        return cls(offsets, {d: int(n) for d, n in sizes.items()})
+
+    @property
+    def rows(self) -> int:
+        return 1 + sum(self.sizes.values())
+
+    def with_ids(self, feats: torch.Tensor, domain: str) -> torch.Tensor:
+        """Append the shared-ID column to ``featurize_items`` output (before any private column):
+        item r of ``domain`` gets ``offset + r``, PAD and BOS get 0."""
+        if domain not in self.offsets:
+            raise ValueError(f"domain {domain!r} is not in the shared item-ID layout "
+                             f"(domains: {sorted(self.offsets)})")
+        n_items = feats.shape[0] - 2
+        if n_items != self.sizes[domain]:
+            raise ValueError(f"domain {domain!r}: {n_items} catalogue rows, but the shared "
+                             f"item-ID layout was sized for {self.sizes[domain]}")
+        ids = torch.zeros(feats.shape[0], 1, dtype=feats.dtype)
+        ids[:n_items, 0] = torch.arange(self.offsets[domain], self.offsets[domain] + n_items)
+        return torch.cat([feats, ids], dim=1)
+
+
 def with_item_ids(feats: torch.Tensor) -> torch.Tensor:
-    """Append the client-local item-ID column read by the private item table.
+    """Append the client-local item-ID column read by the private item table (always last).
 
     Row r (items, then PAD, then BOS) gets id r + 1; the PAD row gets 0, so padding never
     touches the table. Ids are positions in the domain's catalogue, which every client of the

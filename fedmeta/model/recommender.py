@@ -44,41 +44,57 @@ class ItemEncoder(nn.Module):
     popularity has to be smuggled into a direction every user's state agrees on, which a
     few federated rounds rarely find. Output: (..., dim + 1), the bias last.
 
-    With ``private_rows`` > 0 the last feature column is a client-local item index (0 = none)
-    and a per-client ID table adds a vector and a bias to the shared encoding: what a client
-    learns about its own catalogue that attributes cannot say. The table starts at zero (so
-    a client without one sees exactly the shared model) and is never part of the
-    meta-parameters; under local DP it is clipped and noised with everything else.
+    ID tables add what attributes cannot say (most items of an implicit-feedback catalogue
+    share every feature with another one). Feature columns after the tokens hold their rows,
+    0 meaning none (see :mod:`fedmeta.model.features`):
+
+    - ``item_rows`` > 0: the *shared* table, one row per item of every domain's catalogue,
+      a meta-parameter learned by all silos of a domain. Its vector joins the projection
+      before the LayerNorm (so it steers the item's direction at the same scale as the
+      attributes, rather than being swamped by a unit-variance vector), its last entry joins
+      the bias.
+    - ``private_rows`` > 0 (last column): a per-client table whose vector and bias add to the
+      output: what a client learns about its own catalogue. Never a meta-parameter; under
+      local DP it is clipped and noised with everything else.
+
+    Both start at zero, so a model with a table scores exactly like one without until it
+    trains, and both are given their weights (no draw from the global RNG), so every other
+    weight is the same with or without them (the server builds no private table).
     """
 
-    def __init__(self, vocab_size: int, dim: int, private_rows: int = 0):
+    def __init__(self, vocab_size: int, dim: int, private_rows: int = 0, item_rows: int = 0):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
         self.bias = nn.Linear(dim, 1)
+        self.ids = None
+        if item_rows > 0:
+            self.ids = nn.Embedding(item_rows, dim + 1, _weight=torch.zeros(item_rows, dim + 1))
         self.private = None
         if private_rows > 0:
-            # given weights: no draw from the global RNG, so every other weight is the same
-            # with or without a table (the server builds its model without one)
             self.private = nn.Embedding(private_rows, dim + 1,
                                         _weight=torch.zeros(private_rows, dim + 1))
 
     @property
     def id_columns(self) -> int:
         """Feature columns after the tokens that hold ID-table rows, not tokens."""
-        return int(self.private is not None)
+        return int(self.ids is not None) + int(self.private is not None)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        ids = None
-        if self.private is not None:
-            feats, ids = feats[..., :-1], feats[..., -1]
-        emb = self.tokens(feats)
-        mask = (feats != 0).unsqueeze(-1).to(emb.dtype)
+        width = feats.shape[-1] - self.id_columns
+        tokens = feats[..., :width]
+        emb = self.tokens(tokens)
+        mask = (tokens != 0).unsqueeze(-1).to(emb.dtype)
         pooled = (emb * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
-        vec = self.norm(self.proj(pooled))
-        out = torch.cat([vec, self.bias(pooled)], dim=-1)
-        if ids is not None:
+        pre, bias = self.proj(pooled), self.bias(pooled)
+        if self.ids is not None:
+            ids = feats[..., width]
+            row = self.ids(ids) * (ids > 0).unsqueeze(-1).to(pre.dtype)
+            pre, bias = pre + row[..., :-1], bias + row[..., -1:]
+        out = torch.cat([self.norm(pre), bias], dim=-1)
+        if self.private is not None:
+            ids = feats[..., -1]
             out = out + self.private(ids) * (ids > 0).unsqueeze(-1).to(out.dtype)
         return out
 
@@ -103,9 +119,10 @@ class LogitScale(nn.Module):
 class SequenceRecommender(nn.Module):
     """Next-item prediction: hidden state at position t scores candidates for item t."""
 
-    def __init__(self, bert_config: BertConfig, vocab_size: int, private_rows: int = 0):
+    def __init__(self, bert_config: BertConfig, vocab_size: int, private_rows: int = 0,
+                 item_rows: int = 0):
         super().__init__()
-        self.items = ItemEncoder(vocab_size, bert_config.hidden_size, private_rows)
+        self.items = ItemEncoder(vocab_size, bert_config.hidden_size, private_rows, item_rows)
         self.backbone = BertModel(bert_config, add_pooling_layer=False)
         self.backbone.embeddings.word_embeddings.weight.requires_grad_(False)
         # given weights (no RNG draw): every other weight is what it was without the scale
@@ -150,16 +167,23 @@ def minilm_dir() -> Path:
     return packaged_path("minilm")
 
 
-def build_model(cfg: ModelConfig, max_len: int, seed: int = 0,
-                private_rows: int = 0) -> SequenceRecommender:
+def build_model(cfg: ModelConfig, max_len: int, seed: int = 0, private_rows: int = 0,
+                item_rows: int = 0) -> SequenceRecommender:
     """Same seed -> same weights on every process, so frozen parts agree across the federation.
 
     ``private_rows``: size of the per-client item-ID table (0 = none); the federation sets it
     from its largest catalogue when ``model.private_item_embeddings`` is on.
+    ``item_rows``: size of the shared item-ID table (``SharedItemIds.rows``: one row per item
+    of every domain, plus row 0), used when ``model.item_ids`` is ``shared``. Server and nodes
+    must pass the same number, or their parameters will not have the same shapes.
     """
     torch.manual_seed(seed)
     vocab = MODEL_SIZES[cfg.size][4]
-    model = SequenceRecommender(bert_config(cfg, max_len), vocab, private_rows)
+    if cfg.item_ids == "shared" and item_rows <= 0:
+        log.warning("model.item_ids=shared but no item_rows given: building the model without "
+                    "the shared item-ID table (pass build_model(..., item_rows=N))")
+    rows = item_rows if cfg.item_ids == "shared" else 0
+    model = SequenceRecommender(bert_config(cfg, max_len), vocab, private_rows, rows)
     model.loss_kind = cfg.loss        # read by Objective: which batches its loss expects
     if cfg.pretrained == "minilm":
         _load_minilm(model, max_len)

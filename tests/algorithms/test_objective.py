@@ -1,4 +1,5 @@
-"""Cutting the item-token table to the rows a batch reads changes no number, only the work."""
+"""The training objective: cutting the item-token table to the rows a batch reads changes no
+number, only the work; the full and the sampled (log-Q corrected) softmax."""
 
 import pytest
 import torch
@@ -8,23 +9,28 @@ from fedmeta.algorithms.objective import TOKEN_TABLE, Cut
 from fedmeta.config import ModelConfig
 from fedmeta.data.tasks import Catalog
 from fedmeta.eval.protocol import user_scores
-from fedmeta.model.features import with_item_ids
+from fedmeta.model.features import SharedItemIds, with_item_ids
 from fedmeta.model.recommender import build_model, meta_parameters, private_parameters
 from tests.helpers import algo_cfg, toy_client
 
 
 def _setup(private: bool, loss: str = "full"):
+    """``private``: with both ID tables (shared and private), so both ID columns pass the cut."""
     client = toy_client()
-    rows = 0
+    rows = item_rows = 0
     if private:
         cat = client.catalog
-        client.catalog = Catalog(cat.domain, cat.items, with_item_ids(cat.feats))
-        rows = cat.n_items + 3
-    model = build_model(ModelConfig(size="tiny", loss=loss), 10, seed=0, private_rows=rows)
+        layout = SharedItemIds.for_catalogues({"a-first": 4, cat.domain: cat.n_items})
+        client.catalog = Catalog(cat.domain, cat.items,
+                                 with_item_ids(layout.with_ids(cat.feats, cat.domain)))
+        rows, item_rows = cat.n_items + 3, layout.rows
+    model = build_model(ModelConfig(size="tiny", loss=loss), 10, seed=0, private_rows=rows,
+                        item_rows=item_rows)
     params = {**meta_parameters(model), **private_parameters(model)}
-    if private:   # a table that is not zero, so that it matters
-        name = next(k for k in params if k.startswith("items.private"))
-        params[name] = torch.randn(params[name].shape, generator=torch.Generator().manual_seed(3))
+    if private:   # tables that are not zero, so that they matter
+        for i, name in enumerate(k for k in params if k.startswith(("items.private", "items.ids"))):
+            params[name] = torch.randn(params[name].shape,
+                                       generator=torch.Generator().manual_seed(3 + i))
     batch = Objective(model).batch_for(client.train.subset(range(5)), client.catalog, 8,
                                        torch.Generator().manual_seed(1), torch.device("cpu"))
     return model, client, params, batch
@@ -34,13 +40,13 @@ def _setup(private: bool, loss: str = "full"):
 def test_the_cut_keeps_row_zero_and_only_rows_the_batch_reads(loss):
     model, _, params, batch = _setup(private=True, loss=loss)
     cut = Objective(model).compact(params, batch)
-    width = batch["seq"].shape[-1] - 1
+    width = batch["seq"].shape[-1] - 2                  # the shared and the private ID columns
     read = torch.unique(torch.cat([batch["seq"][..., :width].flatten(),
                                    batch["cand"][..., :width].flatten()]))
     assert cut.rows[0] == 0 and set(cut.rows.tolist()) == set(read.tolist()) | {0}
     assert len(cut.rows) < params[TOKEN_TABLE].shape[0] / 10
     assert torch.equal(cut.params[TOKEN_TABLE], params[TOKEN_TABLE][cut.rows])
-    # the renumbered ids point at the same rows; the private id column is left alone
+    # the renumbered ids point at the same rows; the ID columns are left alone
     for key in ("seq", "cand"):
         assert cut.batch[key].shape == batch[key].shape
         assert torch.equal(cut.rows[cut.batch[key][..., :width]], batch[key][..., :width])
@@ -188,13 +194,12 @@ def test_a_sampled_model_refuses_batches_built_for_the_full_loss():
 def test_vmapped_per_user_gradients_equal_one_user_at_a_time(loss):
     """What MAML's vmap(grad) and user-level DP rely on: user u's gradient is the gradient of
     user u's loss alone, whatever else is in the batch."""
-    model, client, params = _loss_setup(loss)
-    obj = Objective(model)
-    batch = obj.batch_for(client.train.subset(range(4)), client.catalog, 8,
-                          torch.Generator().manual_seed(0), torch.device("cpu"))
+    model, _, params, batch = _setup(private=True, loss=loss)    # with both ID tables
+    model, obj = model.double(), Objective(model)
+    params = {k: v.double() for k, v in params.items()}
     per_user = obj.per_user(lambda p, u: torch.func.grad(obj.loss)(p, u, "support"), params,
                             batch)
-    for u in range(4):
+    for u in range(5):
         one = {k: v[u:u + 1] for k, v in batch.items()}
         leaf = {k: v.clone().requires_grad_(True) for k, v in params.items()}
         ref = torch.autograd.grad(obj.batch_loss(leaf, one, "support")[0], list(leaf.values()),
