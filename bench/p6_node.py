@@ -1,0 +1,455 @@
+"""P6: one node's memory against the size of the federation it belongs to.
+
+A node reads only its own silo directory, so its memory should depend on that silo and not
+on how many other silos exist. The figure cuts federations of 2, 8 and 32 equal silos
+(``fedmeta-partition``, once per federation), then starts node 0 from its node file in a
+fresh interpreter per cell, trains one round and evaluates once, with and without local DP.
+Peak RSS is ``VmHWM`` of the node process (:func:`bench.common.max_rss_mb`); the phases
+(imports, budget, silo read, node build, round, evaluation) are read in the same process, and
+the bytes of the silo frames, task tensors and model are counted directly, so the peak can be
+split into import baseline, data and per-step work. Two contrasts: the partition step's own
+peak (it holds the whole federation once, by design), and the whole federation built in one
+process (``build_silos`` plus one node), which is what every node paid when each one rebuilt
+the federation from config.
+
+Cells: ``python -m bench.p6_node KIND JSON`` prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import PYTHON, REPO, current_rss_mb, max_rss_mb, table
+
+SILOS = (2, 8, 32)
+USERS_PER_SILO = 500
+QUICK = {"silos": (2, 4), "users": 40}
+
+
+def overrides(n_silos: int, users_per_silo: int, quick: bool = False) -> list[str]:
+    """The default experiment (FOMAML, tiny model, local DP) on ``n_silos`` equal silos.
+
+    Half the silos per synthetic domain, ``users_per_silo`` users each (IID split; the
+    generator's cold users with a single interaction are dropped by ``min_interactions``,
+    so silos come out a few percent smaller). One torch thread, CPU."""
+    if n_silos < 2 or n_silos % 2:
+        raise ValueError(f"n_silos: {n_silos!r} must be even and >= 2 (half per domain)")
+    half = n_silos // 2
+    clients = "[" + ",".join(f"{{domain:{d},n_clients:{half},new_clients:0,scheme:iid}}"
+                             for d in ("ecommerce", "social")) + "]"
+    out = [f"data.synthetic.ecommerce_users={half * users_per_silo}",
+           f"data.synthetic.social_users={half * users_per_silo}", f"data.clients={clients}",
+           "runtime.device=cpu", "runtime.threads=1"]
+    if quick:
+        out += ["algorithm.local_steps=1", "data.max_eval_users=5"]
+    return out
+
+
+# ---- measurements (run inside the cell process) --------------------------------------------
+def _mark(phases: dict, name: str, t0: float) -> None:
+    phases[name] = {"rss_mb": current_rss_mb(), "hwm_mb": max_rss_mb(),
+                    "s": time.perf_counter() - t0}
+
+
+def _frame_mb(frames) -> float:
+    return sum(float(f.memory_usage(deep=True).sum()) for f in frames) / 2**20
+
+
+def _tensor_mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+#: import baselines, measured in empty interpreters: (label, modules imported)
+BASELINES = (("python", ()), ("torch", ("torch",)),
+             ("torch + recommender (transformers' BertModel)", ("torch", "fedmeta.model.recommender")),
+             ("torch + opacus", ("torch", "opacus")),
+             ("node imports (all of the above, pandas, pyarrow)",
+              ("torch", "fedmeta.privacy.local", "fedmeta.runtime.node", "fedmeta.data.silo")))
+
+
+def baseline_cell(spec: dict) -> dict:
+    """An empty interpreter, then the imports a node pays for before it reads anything."""
+    import importlib
+
+    for name in spec["modules"]:
+        importlib.import_module(name)
+    return {"rss_mb": current_rss_mb(), "hwm_mb": max_rss_mb()}
+
+
+def partition_cell(spec: dict) -> dict:
+    """``fedmeta-partition`` in this process: its peak is the whole federation, once."""
+    import logging
+
+    from fedmeta.tools.nodes import partition_main
+
+    t0 = time.perf_counter()
+    rc = partition_main(["--out", spec["out"], *spec["overrides"]])
+    logging.disable(logging.CRITICAL)
+    if rc != 0:
+        raise RuntimeError(f"fedmeta-partition exited {rc}")
+    return {"s": time.perf_counter() - t0, "hwm_mb": max_rss_mb(), "rss_mb": current_rss_mb()}
+
+
+def whole_cell(spec: dict) -> dict:
+    """The whole federation in one process (``build_silos``), then node 0 built from it, one
+    round (no DP) and one evaluation: a node's cost when it held every silo."""
+    import torch
+
+    from fedmeta.runtime.federation import build_silos, initial_parameters
+    from fedmeta.runtime.hydra_config import compose
+    from fedmeta.runtime.node import Node, NodeConfig
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    cfg = compose(spec["overrides"])
+    silos = build_silos(cfg)
+    phases: dict = {}
+    _mark(phases, "silos", t0)
+    nc = NodeConfig.load(spec["node_file"])
+    nc.privacy = dataclasses.replace(nc.privacy, enabled=False)
+    node = Node(nc, next(s for s in silos if s.client_id == nc.client_id))
+    _mark(phases, "node", t0)
+    params = initial_parameters(node.cfg)
+    node.train(params, 1, nc.run)
+    node.evaluate(params, 1, nc.run)
+    _mark(phases, "eval", t0)
+    return {"phases": phases, "silos": len(silos), "train_users": len(node.tasks.train)}
+
+
+def node_cell(spec: dict) -> dict:
+    """One node from its node file: (budget), silo, node, one round, one evaluation."""
+    t0 = time.perf_counter()
+    phases: dict = {}
+    import torch
+
+    import fedmeta.privacy.local  # noqa: F401  (imported by the first DP step otherwise)
+    from fedmeta.data.silo import read_silo
+    from fedmeta.runtime.federation import initial_parameters
+    from fedmeta.runtime.node import Node, NodeConfig, init_budget
+
+    torch.set_num_threads(1)
+    _mark(phases, "imports", t0)
+    nc = NodeConfig.load(spec["node_file"])
+    if not spec["dp"]:       # the operator's choice; privacy is not part of the run config
+        nc.privacy = dataclasses.replace(nc.privacy, enabled=False)
+    else:
+        init_budget(nc)      # fedmeta-node init: reads the silo and builds its tasks once
+        _mark(phases, "budget", t0)
+    silo = read_silo(nc.silo_dir)
+    silo_mb = _frame_mb([silo.data.interactions, silo.data.items])
+    n_inter = len(silo.data.interactions)
+    _mark(phases, "silo", t0)
+    node = Node(nc, silo)
+    del silo                 # the node keeps its tasks, not the frames
+    tasks = node.tasks
+    task_mb = _tensor_mb([tasks.catalog.feats] + [
+        t for tt in (tasks.train, tasks.warm_eval, tasks.cold_eval)
+        for t in (tt.inputs, tt.targets, tt.support, tt.query, tt.eval_pos)])
+    model_mb = _tensor_mb(list(node.model.parameters()))
+    _mark(phases, "node", t0)
+    params = initial_parameters(node.cfg)
+    update = node.train(params, 1, nc.run)
+    _mark(phases, "train", t0)
+    rows = node.evaluate(params, 1, nc.run)
+    _mark(phases, "eval", t0)
+    return {"phases": phases, "client": nc.client_id, "train_users": len(tasks.train),
+            "cold_users": len(tasks.partition.cold_users), "interactions": n_inter,
+            "silo_frames_mb": silo_mb, "task_tensors_mb": task_mb, "model_mb": model_mb,
+            "eval_rows": len(rows), "steps": nc.run["algorithm"]["local_steps"],
+            "dp_steps": update.metrics.get("dp_steps")}
+
+
+CELLS = {"baseline": baseline_cell, "partition": partition_cell, "whole": whole_cell,
+         "node": node_cell}
+
+
+# ---- the old design, measured on its own code ------------------------------------------------
+OLD_COMMIT = "bc7380d"
+OLD_CELL = """
+import json, sys, time
+from pathlib import Path
+def hwm():
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024.0
+import torch
+torch.set_num_threads(1)
+from fedmeta.runtime.client import ClientRunner
+from fedmeta.runtime.federation import build_federation
+from fedmeta.runtime.hydra_config import compose
+t0 = time.perf_counter()
+base = hwm()
+fed = build_federation(compose(json.loads(sys.argv[1])))
+built = hwm()
+runner = ClientRunner(fed, fed.clients[0].client_id)
+params = fed.initial_parameters()
+runner.train(params, 1, {})
+trained = hwm()
+runner.evaluate(params, 1)
+print(json.dumps({"imports_hwm_mb": base, "built_hwm_mb": built, "train_hwm_mb": trained,
+                  "hwm_mb": hwm(), "s": time.perf_counter() - t0}))
+"""
+
+
+def old_design(ovr: list[str], timeout: float) -> dict:
+    """What one SuperNode paid at ``OLD_COMMIT``: the federation rebuilt from config, then
+    one client trained and evaluated. Runs that commit's code, extracted with ``git archive``
+    into a temporary directory (the checkout is not touched), in the same interpreter."""
+    with tempfile.TemporaryDirectory(prefix="fedmeta-old-") as tmp:
+        # GIT_DIR, when set, names the repository (a bench run from an exported tree has none)
+        archive = subprocess.run(["git", "archive", OLD_COMMIT], cwd=REPO, capture_output=True)
+        if archive.returncode != 0:
+            why = archive.stderr.decode().strip().splitlines()[:1] or ["?"]
+            return {"error": f"git archive {OLD_COMMIT}: {why[0][:100]}"}
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        old = [o for o in ovr if not o.startswith("runtime.threads")]
+        return _run([PYTHON, "-c", OLD_CELL, json.dumps(["runtime=inprocess", *old])],
+                    timeout, cwd=tmp, env={"PYTHONPATH": tmp})
+
+
+# ---- driver ----------------------------------------------------------------------------------
+def _run(cmd: list[str], timeout: float, cwd: Path | str = REPO, env: dict | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:160]}"}
+    return json.loads(lines[-1])
+
+
+def code_version() -> str:
+    """The commit measured: an exported tree's ``COMMIT`` file, else the checkout's HEAD
+    (marked when the checkout has uncommitted changes)."""
+    stamp = REPO / "COMMIT"
+    if stamp.is_file():
+        return f"{stamp.read_text().strip()} (clean export)"
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, text=True, capture_output=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")
+
+
+def cell(kind: str, spec: dict, timeout: float = 900) -> dict:
+    return _run([PYTHON, "-m", "bench.p6_node", kind, json.dumps(spec)], timeout)
+
+
+def silo_sizes(out: Path) -> list[int]:
+    """Users (training + cold) of every silo, from the silos' own ``silo.json``."""
+    sizes = []
+    for meta in sorted((out / "silos").glob("*/silo.json")):
+        m = json.loads(meta.read_text())
+        sizes.append(len(m["train_users"]) + len(m["cold_users"]))
+    return sizes
+
+
+def measure(quick: bool, echo=print, old: bool = True) -> dict:
+    silos = QUICK["silos"] if quick else SILOS
+    users = QUICK["users"] if quick else USERS_PER_SILO
+    res: dict = {"users_per_silo": users, "baseline": {}, "fed": {}, "code": code_version()}
+    for label, modules in BASELINES:
+        res["baseline"][label] = cell("baseline", {"modules": list(modules)}, 300)
+    with tempfile.TemporaryDirectory(prefix="fedmeta-p6-") as tmp:
+        for n in silos:
+            out = Path(tmp) / f"fed{n}"
+            ovr = overrides(n, users, quick)
+            fed = {"overrides": ovr, "partition": cell("partition", {"out": str(out),
+                                                                     "overrides": ovr})}
+            if "error" not in fed["partition"]:
+                sizes = silo_sizes(out)
+                fed["silo_users"] = [min(sizes), max(sizes)]
+                node_file = str(out / "nodes" / "node-0.json")
+                for dp in (False, True):
+                    fed["dp" if dp else "plain"] = cell("node", {"node_file": node_file, "dp": dp})
+                fed["whole"] = cell("whole", {"overrides": ovr, "node_file": node_file})
+                if old:
+                    fed["old"] = old_design(ovr, 900)
+            res["fed"][n] = fed
+            echo(f"P6 {n} silos: partition {_get(fed, 'partition', 'hwm_mb')} MB, node "
+                 f"{_get(fed, 'plain', 'phases', 'eval', 'hwm_mb')} / "
+                 f"{_get(fed, 'dp', 'phases', 'eval', 'hwm_mb')} MB (none / local DP)")
+    echo("P6 raw: " + json.dumps(res))
+    return res
+
+
+# ---- report ----------------------------------------------------------------------------------
+FLAT = 0.05      # "flat": the node's peak varies by at most this share over the sweep
+
+
+def _get(r, *path, default="failed"):
+    for key in path:
+        if not isinstance(r, dict) or key not in r:
+            return default
+        r = r[key]
+    return r
+
+
+def _feds(res: dict) -> list[tuple[int, dict]]:
+    return sorted(((int(n), fed) for n, fed in res["fed"].items()), key=lambda kv: kv[0])
+
+
+MODES = (("plain", "none"), ("dp", "local"))
+
+
+def node_rows(res: dict) -> list[list]:
+    rows = []
+    for n, fed in _feds(res):
+        for key, label in MODES:
+            r = fed.get(key, fed["partition"])
+            if "error" in r:
+                rows.append([n, label, f"failed: {r['error']}"] + [""] * 6)
+                continue
+            ph = r["phases"]
+            rows.append([n, label, r["train_users"] + r["cold_users"], ph["imports"]["rss_mb"],
+                         ph["node"]["rss_mb"], ph["train"]["hwm_mb"], ph["eval"]["hwm_mb"],
+                         ph["train"]["s"] - ph["node"]["s"], ph["eval"]["s"] - ph["train"]["s"]])
+    return rows
+
+
+def breakdown_rows(res: dict) -> list[list]:
+    """The node's peak, split: imports, (budget), silo read, node build, round, evaluation.
+
+    Each figure is the rise of RSS (load phases) or of the high-water mark (round, eval)
+    over the phase before; the frames, task tensors and model are their own byte counts."""
+    rows = []
+    for n, fed in _feds(res):
+        for key, label in MODES:
+            r = fed.get(key)
+            if not r or "error" in r:
+                continue
+            ph = r["phases"]
+            load0 = ph.get("budget", ph["imports"])
+            rows.append([n, label, ph["imports"]["rss_mb"],
+                         load0["hwm_mb"] - ph["imports"]["rss_mb"],
+                         ph["node"]["rss_mb"] - load0["rss_mb"],
+                         r["silo_frames_mb"], r["task_tensors_mb"], r["model_mb"],
+                         ph["train"]["hwm_mb"] - max(ph["node"]["rss_mb"], load0["hwm_mb"]),
+                         ph["eval"]["hwm_mb"] - ph["train"]["hwm_mb"]])
+    return rows
+
+
+def contrast_rows(res: dict) -> list[list]:
+    rows = []
+    for n, fed in _feds(res):
+        users = _get(fed, "silo_users", default=None)
+        old = fed.get("old", {"error": "not run"})
+        rows.append([n, n * res["users_per_silo"],
+                     f"{users[0]}-{users[1]}" if users else "failed",
+                     _get(fed, "partition", "hwm_mb"), _get(fed, "partition", "s"),
+                     _get(fed, "whole", "phases", "node", "hwm_mb"),
+                     _get(fed, "whole", "phases", "eval", "hwm_mb"),
+                     _get(fed, "plain", "phases", "eval", "hwm_mb"),
+                     _get(old, "built_hwm_mb", default=old.get("error", "failed")),
+                     _get(old, "hwm_mb", default=old.get("error", "failed"))])
+    return rows
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / min: how much a quantity varies over the sweep."""
+    return (max(values) - min(values)) / min(values) if values and min(values) > 0 else float("nan")
+
+
+def verdicts(res: dict) -> list[str]:
+    out = []
+    feds = _feds(res)
+    for key, label in MODES:
+        peaks = [(n, fed[key]["phases"]["eval"]["hwm_mb"]) for n, fed in feds
+                 if "phases" in fed.get(key, {})]
+        if len(peaks) < 2:
+            out.append(f"privacy={label}: fewer than two cells finished, no verdict.")
+            continue
+        vals = [p for _, p in peaks]
+        sp = spread(vals)
+        out.append(f"privacy={label}: node peak RSS {min(vals):.0f}-{max(vals):.0f} MB over "
+                   f"{peaks[0][0]}-{peaks[-1][0]} silos ({max(vals) - min(vals):.0f} MB, "
+                   f"{sp:.1%}) -> target 'flat in the number of silos' "
+                   f"**{'met' if sp <= FLAT else 'missed'}** (flat = within {FLAT:.0%}).")
+    parts = [(n, fed["partition"]["hwm_mb"]) for n, fed in feds if "hwm_mb" in fed["partition"]]
+    if len(parts) >= 2:
+        out.append(f"The partition step grows with the federation, as designed: peak "
+                   f"{parts[0][1]:.0f} MB at {parts[0][0]} silos, {parts[-1][1]:.0f} MB at "
+                   f"{parts[-1][0]}.")
+    return out
+
+
+def run(quick: bool, echo=print) -> str:
+    res = measure(quick, echo)
+    base = [[label, _get(r, "rss_mb", default=r.get("error", "failed"))]
+            for label, r in res["baseline"].items()]
+    return "\n".join([
+        "## P6 Per-node memory",
+        "",
+        f"Federations of {', '.join(str(n) for n, _ in _feds(res))} equal silos, "
+        f"{res['users_per_silo']} synthetic users per silo (half the silos per domain, IID; "
+        "single-interaction users are dropped by `min_interactions`, so silos come out a few "
+        "percent smaller), the default experiment otherwise (FOMAML, tiny model, 10 local "
+        "steps of 32 users, every user of the silo evaluated), one torch thread. Each "
+        "federation is cut once with `fedmeta-partition`; then node 0 (an e-commerce silo) "
+        "starts from its node file in a fresh process, builds its budget (local DP: "
+        "`init_budget`, as `fedmeta-node init` does), reads its silo, trains one round and "
+        "evaluates once. Peak = the process's VmHWM. Code measured: "
+        f"{res.get('code', code_version())}.",
+        "",
+        "```", "fedmeta-bench --only P6", "```",
+        "",
+        table(["silos", "privacy", "silo users", "RSS after imports MB", "RSS after load MB",
+               "peak RSS after round MB", "peak RSS after eval MB", "round s", "eval s"],
+              node_rows(res)),
+        "",
+        *[f"- {v}" for v in verdicts(res)],
+        "",
+        "Where a node's memory goes (MB; load rows are rises of RSS, round and eval rises of "
+        "the high-water mark; frames, tensors and model are byte counts of the objects):",
+        "",
+        table(["silos", "privacy", "imports MB", "budget (DP) MB", "silo + node build MB",
+               "silo frames MB", "task tensors MB", "model MB", "round above load MB",
+               "eval above round MB"], breakdown_rows(res)),
+        "",
+        "Import baseline, each in an empty interpreter:",
+        "",
+        table(["imports", "RSS MB"], base),
+        "",
+        "Contrast: what holds the whole federation (privacy none). *partition*: "
+        "`fedmeta-partition` itself (all silos in one process, once). *whole federation + "
+        "node*: `build_silos` of the whole federation, then node 0 built from it, one round "
+        "and one evaluation (same code as above; the stand-in for the old design). *own silo "
+        "only*: the node process of the first table. *old design*: commit {OLD_COMMIT}'s SuperNode path run on its own "
+        "code (`git archive`): `build_federation` of the whole federation from config, then "
+        "one client's round and evaluation; its training step is that commit's, so compare "
+        "its peak after build, not its round.",
+        "",
+        table(["silos", "federation users (nominal)", "silo users (min-max)", "partition peak MB",
+               "partition s", "whole federation + node, after load MB",
+               "whole federation + node, round + eval MB", "own silo only, round + eval MB",
+               "old design, after build MB", "old design, round + eval MB"],
+              contrast_rows(res)),
+    ])
+
+
+def main() -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    kind, spec = sys.argv[1], json.loads(sys.argv[2])
+    out = CELLS[kind](spec)
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

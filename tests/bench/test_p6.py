@@ -1,0 +1,111 @@
+"""P6 bench logic: the federation overrides, silo sizes and the tables built from cell results.
+No timings or memory figures are asserted (they belong to the benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import p6_node
+from bench.p6_node import (breakdown_rows, contrast_rows, node_rows, overrides, silo_sizes,
+                           spread, verdicts)
+
+
+def _phase(rss, hwm, s):
+    return {"rss_mb": rss, "hwm_mb": hwm, "s": s}
+
+
+def _node(peak, dp):
+    phases = {"imports": _phase(470, 470, 1), "silo": _phase(500, 500, 2),
+              "node": _phase(510, 510, 3), "train": _phase(700, peak, 7),
+              "eval": _phase(700, peak + 5, 8)}
+    if dp:
+        phases["budget"] = _phase(505, 506, 1.5)
+    return {"phases": phases, "train_users": 400, "cold_users": 100, "interactions": 15000,
+            "silo_frames_mb": 1.2, "task_tensors_mb": 0.8, "model_mb": 1.3}
+
+
+def _res(peaks):
+    fed = {}
+    for n, peak in peaks.items():
+        fed[str(n)] = {"partition": {"hwm_mb": 500 + n, "s": 10.0}, "silo_users": [480, 500],
+                       "plain": _node(peak, False), "dp": _node(peak + 10, True),
+                       "whole": {"phases": {"node": _phase(520 + n, 520 + n, 4),
+                                            "eval": _phase(700, peak + n, 9)}},
+                       "old": {"built_hwm_mb": 560.0 + n, "hwm_mb": 800.0 + n}}
+    return {"users_per_silo": 500, "baseline": {"python": {"rss_mb": 15.0}}, "fed": fed,
+            "code": "abc1234"}
+
+
+def test_overrides_split_silos_evenly_over_domains():
+    ovr = overrides(8, 500)
+    assert "data.synthetic.ecommerce_users=2000" in ovr
+    assert "data.synthetic.social_users=2000" in ovr
+    clients = next(o for o in ovr if o.startswith("data.clients="))
+    assert clients.count("n_clients:4") == 2 and "new_clients:0" in clients
+    assert "algorithm.local_steps=1" in overrides(2, 40, quick=True)
+    for bad in (1, 3):
+        with pytest.raises(ValueError):
+            overrides(bad, 500)
+
+
+def test_silo_sizes_count_training_and_cold_users(tmp_path):
+    for name, train, cold in (("a", 3, 1), ("b", 5, 0)):
+        d = tmp_path / "silos" / name
+        d.mkdir(parents=True)
+        (d / "silo.json").write_text(json.dumps({"train_users": ["u"] * train,
+                                                 "cold_users": ["c"] * cold}))
+    assert sorted(silo_sizes(tmp_path)) == [4, 5]
+
+
+def test_node_rows_in_silo_order_with_phase_differences():
+    rows = node_rows(_res({32: 800.0, 2: 790.0}))
+    assert [r[:2] for r in rows] == [[2, "none"], [2, "local"], [32, "none"], [32, "local"]]
+    first = rows[0]
+    assert first[2] == 500 and first[3] == 470 and first[4] == 510
+    assert first[5] == 790.0 and first[6] == 795.0
+    assert first[7] == pytest.approx(4) and first[8] == pytest.approx(1)
+
+
+def test_failed_cell_is_a_row_not_an_exception():
+    res = _res({2: 790.0})
+    res["fed"]["2"]["plain"] = {"error": "timeout after 900s"}
+    rows = node_rows(res)
+    assert "timeout" in rows[0][2] and len(rows[0]) == 9
+    assert [r[1] for r in breakdown_rows(res)] == ["local"]
+
+
+def test_breakdown_separates_budget_load_round_and_eval():
+    plain, dp = breakdown_rows(_res({2: 790.0}))
+    assert plain[3] == 0 and plain[4] == 40          # no budget; silo + node = 510 - 470
+    assert dp[3] == 36 and dp[4] == 5                # budget hwm 506 - 470; node 510 - 505
+    assert plain[8] == 790.0 - 510 and plain[9] == 5.0
+    assert dp[8] == 800.0 - 510
+
+
+def test_contrast_rows_and_missing_old_design():
+    res = _res({2: 790.0, 8: 795.0})
+    del res["fed"]["8"]["old"]
+    rows = contrast_rows(res)
+    assert rows[0][:5] == [2, 1000, "480-500", 502, 10.0]
+    assert rows[0][5:] == [522, 792.0, 795.0, 562.0, 802.0]
+    assert rows[1][-2:] == ["not run", "not run"]
+
+
+def test_spread_and_verdicts():
+    assert spread([100.0, 104.0]) == pytest.approx(0.04)
+    assert spread([]) != spread([])                   # nan
+    flat = verdicts(_res({2: 790.0, 8: 795.0, 32: 800.0}))
+    assert all("**met**" in v for v in flat[:2])
+    grown = verdicts(_res({2: 790.0, 32: 1000.0}))
+    assert "**missed**" in grown[0] and "**missed**" in grown[1]
+    assert "fewer than two" in verdicts(_res({2: 790.0}))[0]
+
+
+def test_run_builds_a_section_from_measurements(monkeypatch):
+    monkeypatch.setattr(p6_node, "measure", lambda quick, echo=print: _res({2: 790.0, 8: 795.0}))
+    text = p6_node.run(True, echo=lambda s: None)
+    assert text.startswith("## P6 Per-node memory")
+    assert "abc1234" in text and "fedmeta-bench --only P6" in text
+    assert text.count("\n| 2 | none |") == 2          # node table and breakdown
