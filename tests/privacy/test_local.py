@@ -134,3 +134,11 @@ def test_poisson_sampling_rate():
     sizes = [len(step.sample(1000, 0, gen)) for _ in range(200)]
     assert sum(sizes) / len(sizes) == pytest.approx(100, rel=0.05)
     assert len(set(sizes)) > 5      # variable batch sizes, not a fixed batch
+
+
+def test_secure_mode_noise_has_the_same_scale():
+    dp = LocalDPConfig(enabled=True, noise_multiplier=1.0, secure_mode=True)
+    step = PrivateStep(dp, 10, 0.5, 1.0, torch.Generator().manual_seed(1))
+    out = step.privatize({"a": torch.zeros(4, 200_000)}, {"a": torch.zeros(200_000)})
+    assert float(out["a"].std()) == pytest.approx(1.0 / 5, rel=0.02)   # sigma*C / expected batch
+    assert step._optimizer.secure_mode
