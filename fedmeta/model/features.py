@@ -32,24 +32,46 @@ _RESERVED = 2
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def item_tokens(row: pd.Series, attribute_columns: list[str]) -> list[str]:
-    """Symbolic tokens of one item: its identity, ``key=value`` per attribute (path prefixes,
-    multi-values), then the words of its text.
+def _present(val) -> bool:
+    return not (val is None or (isinstance(val, float) and pd.isna(val)) or str(val) == "")
 
-    The identity token comes first so truncation never drops it: items without attributes or
-    text (Instacart products, FilmTrust films) would otherwise all look the same.
+
+def item_tokens(row: pd.Series, attribute_columns: list[str]) -> list[str]:
+    """Symbolic tokens of one item: its identity, the words of its title/text, then
+    ``key=value`` per attribute (path prefixes, multi-values).
+
+    The order only matters when a row is cut to the featuriser's width (the encoder pools
+    tokens, it does not read their order): the identity comes first so items without
+    attributes or text (Instacart products, FilmTrust films) never all look the same, and
+    the words come before the attributes because words are what both domains' items share.
     """
     out: list[str] = [f"id={row.get('domain', '')}:{row.get('item', '')}"]
+    out.extend(_WORD.findall(str(row.get("text", "") or "").lower()))
     for col in attribute_columns:
         val = row.get(col)
-        if val is None or (isinstance(val, float) and pd.isna(val)) or str(val) == "":
+        if not _present(val):
             continue
         for part in str(val).split("|"):
             pieces = part.strip().split("/")
             for depth in range(1, len(pieces) + 1):
                 out.append(f"{col}={'/'.join(pieces[:depth]).lower()}")
-    out.extend(_WORD.findall(str(row.get("text", "")).lower()))
     return out
+
+
+def item_text(row: pd.Series, attribute_columns: list[str]) -> str:
+    """Plain-language rendering for a pretrained tokenizer: the title/text first, then each
+    attribute as words ("genre animation", the deepest level of a path only), then the item
+    id, which only fills space the rest leaves (it means nothing to a pretrained vocabulary
+    but keeps attribute-less items apart)."""
+    parts = [str(row.get("text", "") or "").strip()]
+    for col in attribute_columns:
+        val = row.get(col)
+        if not _present(val):
+            continue
+        values = [v.strip().replace("/", " ") for v in str(val).split("|") if v.strip()]
+        parts.append(f"{col.replace('_', ' ')} {' '.join(values)}")
+    parts.append(str(row.get("item", "")))
+    return " ".join(p for p in parts if p)
 
 
 class HashFeaturizer:
@@ -64,24 +86,30 @@ class HashFeaturizer:
         span = self.vocab_size - _RESERVED
         return [_RESERVED + zlib.crc32(t.encode()) % span for t in tokens[: self.width]]
 
+    def encode(self, row: pd.Series, attribute_columns: list[str]) -> list[int]:
+        return self.ids(item_tokens(row, attribute_columns))
+
 
 class TokenizerFeaturizer:
     """Uses a Hugging Face tokenizer's vocabulary, so a pretrained text encoder's embeddings apply.
 
-    Attribute tokens are rendered as words ("category electronics audio") because the
-    pretrained vocabulary knows words, not our ``key=value`` symbols.
+    The tokenizer reads :func:`item_text`, words rather than our ``key=value`` symbols, with
+    the title first: rendered symbols would spend the width on word pieces of ids and keys
+    and cut the title off.
     """
 
     def __init__(self, tokenizer, width: int):
         self.tok, self.width = tokenizer, width
         self.vocab_size = tokenizer.vocab_size
 
-    def ids(self, tokens: list[str]) -> list[int]:
-        text = " ".join(t.replace("=", " ").replace("/", " ") for t in tokens)
+    def ids(self, text: str) -> list[int]:
         ids = self.tok(text, add_special_tokens=False, truncation=True,
                        max_length=self.width)["input_ids"]
         # shift the tokenizer's own pad/special ids out of our reserved range
         return [i if i >= _RESERVED else _RESERVED for i in ids]
+
+    def encode(self, row: pd.Series, attribute_columns: list[str]) -> list[int]:
+        return self.ids(item_text(row, attribute_columns))
 
 
 def featurize_items(items: pd.DataFrame, featurizer, attribute_columns: list[str]) -> torch.Tensor:
@@ -90,7 +118,7 @@ def featurize_items(items: pd.DataFrame, featurizer, attribute_columns: list[str
     width = featurizer.width
     rows = torch.zeros(len(items) + 2, width, dtype=torch.long)
     for i, (_, row) in enumerate(items.iterrows()):
-        ids = featurizer.ids(item_tokens(row, attribute_columns)) or [_RESERVED]
+        ids = featurizer.encode(row, attribute_columns) or [_RESERVED]
         rows[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     rows[len(items) + 1, 0] = BOS_TOKEN
     return rows
