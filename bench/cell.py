@@ -84,48 +84,159 @@ def dp_cell(spec: dict) -> dict:
     return out
 
 
-def scale_cell(spec: dict) -> dict:
-    """Data build + one training round over every client, fixed work per client."""
-    from fedmeta.config import run_config
-    from fedmeta.data.synthetic import SyntheticConfig, scaled
-    from fedmeta.runtime.federation import build_silos, initial_parameters, load_data
-    from fedmeta.runtime.inprocess import build_nodes
+def silo_build_cell(spec: dict) -> dict:
+    """Generate the synthetic sources, cut them into silos and write them: a node's data,
+    made once (``fedmeta-partition``'s work, timed by part)."""
+    from fedmeta.data.silo import write_silos
+    from fedmeta.runtime.federation import build_silos, load_data
 
-    torch.set_num_threads(1)
-    syn = scaled(SyntheticConfig(), spec["interactions"])
-    half = spec["clients"] // 2
-    clients = ("[" + ",".join(f"{{domain:{d},n_clients:{half},new_clients:0,scheme:iid}}"
-                              for d in ("ecommerce", "social")) + "]")
-    cfg = _compose(["algorithm=fedavg", "privacy=none",   # the work, not the one-off noise solve
-                    f"data.synthetic.ecommerce_users={syn.ecommerce_users}",
-                    f"data.synthetic.social_users={syn.social_users}", f"data.clients={clients}",
-                    "data.max_eval_users=1", "algorithm.local_steps=1",
-                    f"algorithm.users_per_step={spec['users_per_step']}"])
+    cfg = _compose(spec["overrides"])
     t0 = time.perf_counter()
     data = load_data(cfg)
-    t_data = time.perf_counter() - t0
-    nodes = build_nodes(cfg, Path(tempfile.mkdtemp(prefix="fedmeta-bench-")),
-                        build_silos(cfg, data))
-    t_build = time.perf_counter() - t0 - t_data
-    n_rows = len(data.interactions)
-    del data
-    rss_built = current_rss_mb()
-    params = initial_parameters(cfg, nodes[0].device)
     t1 = time.perf_counter()
-    training = [n for n in nodes if not n.tasks.partition.new_client]
-    active = [n for n in training if len(n.tasks.train)]   # the runtimes drop the rest
-    run = run_config(cfg)
-    for n in active:
-        n.train(params, 1, run)
-    t_round = time.perf_counter() - t1
-    largest = max(len(n.tasks.train) for n in active)
-    return {"interactions": n_rows, "clients": len(active),
-            "without_tasks": len(training) - len(active), "data_s": t_data,
-            "build_s": t_build, "round_s": t_round, "rss_built_mb": rss_built,
-            "peak_rss_mb": max_rss_mb(), "largest_client_users": largest}
+    silos = build_silos(cfg, data)
+    t2 = time.perf_counter()
+    del data
+    write_silos(silos, spec["out"])
+    t3 = time.perf_counter()
+    part = silos[0].partition
+    return {"generate_s": t1 - t0, "cut_s": t2 - t1, "write_s": t3 - t2,
+            "interactions": len(silos[0].data.interactions), "users": len(part.users),
+            "train_users": len(part.train_users), "client": part.client_id,
+            "peak_rss_mb": max_rss_mb()}
 
 
-CELLS = {"dp": dp_cell, "scale": scale_cell}
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs`` 5), so the peak of
+    what follows can be read on its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def silo_round_cell(spec: dict) -> dict:
+    """One node on one silo, every (algorithm, privacy) combination in turn.
+
+    The silo is read and its tasks built once (they depend on the data and model configs
+    only, the same for every combination; ``build_tasks`` is memoised on those), then for
+    each combination: its budget (DP), its node, a timed round and a profiled round (cProfile;
+    a second timing would double the cell on a loaded machine). Peak RSS is reset before the
+    rounds, so each combination's round peak is its own. Sampled users are counted where the steps take them (``TaskTensors.subset``).
+    """
+    import cProfile
+    import gc
+    import pstats
+
+    import fedmeta.runtime.node as node_mod
+    from fedmeta.config import to_dict
+    from fedmeta.data.silo import read_silo
+    from fedmeta.data.tasks import TaskTensors
+    from fedmeta.runtime.federation import initial_parameters
+    from fedmeta.runtime.node import Node, init_budget, node_configs
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    silo = read_silo(spec["silo_dir"])
+    read_s = time.perf_counter() - t0
+    real, cache, built = node_mod.build_tasks, {}, []
+
+    def tasks_once(cfg, s):
+        key = (s.client_id, json.dumps(to_dict(cfg.data), sort_keys=True, default=str),
+               json.dumps(to_dict(cfg.model), sort_keys=True, default=str), cfg.seed)
+        if key not in cache:
+            t = time.perf_counter()
+            cache[key] = real(cfg, s)
+            built.append(time.perf_counter() - t)
+        return cache[key]
+
+    node_mod.build_tasks = tasks_once
+    base = spec["overrides"]
+    first = _compose([*base, "algorithm=fedavg", "privacy=none"])
+    tasks_once(first, silo)
+    out = {"read_s": read_s, "tasks_s": built[0], "train_users": len(cache[next(iter(cache))].train),
+           "rss_loaded_mb": current_rss_mb(), "peak_load_mb": max_rss_mb(), "combos": []}
+    sampled: list[int] = []
+    subset = TaskTensors.subset
+
+    def counting(self, idx):
+        sampled.append(len(idx))
+        return subset(self, idx)
+
+    state = Path(tempfile.mkdtemp(prefix="fedmeta-bench-state-"))
+    for algo, dp in spec["combos"]:
+        cfg = _compose([*base, f"algorithm={algo}", f"privacy={'local' if dp else 'none'}"])
+        nc = node_configs(cfg, [silo.client_id], Path(spec["silo_dir"]).parent,
+                          state / f"{algo}-{int(dp)}")[0]
+        t = time.perf_counter()
+        if dp:
+            init_budget(nc, silo)
+        budget_s = time.perf_counter() - t
+        node = Node(nc, silo)
+        node_s = time.perf_counter() - t - budget_s
+        params = initial_parameters(cfg)
+        gc.collect()
+        reset_peak_rss()
+        rss0 = current_rss_mb()
+        times, users = [], []
+        TaskTensors.subset = counting
+        try:
+            for r in (1, 2):
+                sampled.clear()
+                prof = cProfile.Profile() if r == 2 else None
+                t = time.perf_counter()
+                if prof:
+                    prof.enable()
+                node.train(params, r, nc.run)
+                if prof:
+                    prof.disable()
+                times.append(time.perf_counter() - t)
+                users.append(sum(sampled))
+        finally:
+            TaskTensors.subset = subset
+        stats = pstats.Stats(prof).stats
+        top = sorted(((f"{Path(f).name}:{line}({fn})", tt) for (f, line, fn), (_, _, tt, _, _)
+                      in stats.items()), key=lambda kv: -kv[1])[:40]
+        out["combos"].append({"algorithm": algo, "dp": dp, "budget_s": budget_s,
+                              "node_s": node_s, "round_s": times, "sampled": users,
+                              "round_peak_mb": max_rss_mb() - rss0, "rss_before_mb": rss0,
+                              "profile": dict(top), "steps": cfg.algorithm.local_steps})
+        del node
+    out["tasks_builds"] = len(built)
+    return out
+
+
+def federation_cell(spec: dict) -> dict:
+    """The in-process runtime on a many-client federation: build every node, then run the
+    round driver (``runtime.rounds`` rounds, evaluation in the last); one process holds the
+    driver and every node, so its peak is the in-process driver's memory."""
+    from fedmeta.runtime.driver import RoundDriver
+    from fedmeta.runtime.federation import initial_parameters
+    from fedmeta.runtime.inprocess import InProcessTransport, build_nodes
+
+    torch.set_num_threads(1)
+    cfg = _compose(spec["overrides"])
+    out = Path(tempfile.mkdtemp(prefix="fedmeta-bench-fed-"))
+    t0 = time.perf_counter()
+    nodes = build_nodes(cfg, out)
+    build_s = time.perf_counter() - t0
+    rss_built = current_rss_mb()
+    peak_built = max_rss_mb()
+    driver = RoundDriver(cfg, InProcessTransport(nodes), out,
+                         initial_parameters(cfg, nodes[0].device), echo=lambda s: None)
+    t1 = time.perf_counter()
+    driver.run()
+    return {"clients": len(nodes), "training_clients": sum(
+                not n.tasks.partition.new_client for n in nodes),
+            "users_per_client": sorted(len(n.tasks.partition.users) for n in nodes)[len(nodes) // 2],
+            "build_s": build_s, "run_s": time.perf_counter() - t1,
+            "round_s": [r["seconds"] for r in driver.recorder.rounds],
+            "rss_built_mb": rss_built, "peak_built_mb": peak_built, "peak_rss_mb": max_rss_mb()}
+
+
+CELLS = {"dp": dp_cell, "silo_build": silo_build_cell, "silo_round": silo_round_cell,
+         "federation": federation_cell}
 
 
 def main() -> int:

@@ -1,77 +1,182 @@
-"""P4: wall time and peak RSS against number of clients and number of interactions.
+"""P4: one node's client-round against the size of its silo, at a fixed number of sampled users.
 
-Each cell (fresh process, ``bench.cell scale``) generates ``scaled`` synthetic data, builds
-the federation and runs one training round over every client with fixed per-client work
-(FedAvg, one local step of 8 users), so round time should grow linearly with clients and
-not with interactions.
+A DP step samples each user with probability q, so q*n users on average; with q*n held
+fixed (``algorithm.users_per_step``: the expected batch under DP, the batch without) the
+work of a step is the same on every silo, and a round's cost should not grow with the
+silo's size n. Anything that does is O(n) per step (or per round) and shows in the profile.
+
+Per silo size, two fresh processes (``bench.cell``): ``silo_build`` generates the synthetic
+sources at that size, cuts the one silo and writes it (the data build, once); ``silo_round``
+is the node: it reads the silo, builds its tasks once, then for FedAvg, Reptile and FOMAML,
+without and with local DP, builds its node and runs a timed round and a profiled round
+(cProfile). The one-off costs (generation, tasks, budget) are reported
+apart from the per-round ones.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from bench.common import run_cell, table
 
+SIZES = (1_000, 10_000, 100_000)
+QUICK_SIZES = (200, 400)
+ALGORITHMS = ("fedavg", "reptile", "fomaml")
+USERS_PER_STEP = 32       # q * n: the expected sampled users per step, fixed across n
+LOCAL_STEPS = 2
+GROWTH = 1.3              # a per-round cost this much higher on the largest silo "grows"
+TIMEOUT = {"build": 1200.0, "round": 2400.0}
 
-def grid(quick: bool) -> list[tuple[int, int]]:
-    if quick:
-        return [(2000, 2), (2000, 4), (4000, 2)]
-    # the clients sweep at 100k interactions: at 10k, 128 clients hold ~75 interactions each
-    # and many have no user with two training interactions (no task at all)
-    cells = [(100_000, c) for c in (8, 32, 128)]
-    cells += [(n, 32) for n in (10_000, 1_000_000)]
-    return cells
+
+def overrides(users: int, quick: bool = False) -> list[str]:
+    """One e-commerce silo of ``users`` users (cold users included; the social domain is
+    generated at its minimum and not used), 2 local steps of 32 users, 2 rounds planned."""
+    return [f"data.synthetic.ecommerce_users={users}", "data.synthetic.social_users=16",
+            "data.clients=[{domain:ecommerce,n_clients:1,new_clients:0,scheme:iid}]",
+            "data.max_eval_users=1", f"algorithm.local_steps={1 if quick else LOCAL_STEPS}",
+            f"algorithm.users_per_step={USERS_PER_STEP}", "runtime.rounds=2"]
+
+
+def combos() -> list[list]:
+    return [[a, dp] for a in ALGORITHMS for dp in (False, True)]
+
+
+def measure(quick: bool, echo=print) -> dict:
+    res: dict = {}
+    with tempfile.TemporaryDirectory(prefix="fedmeta-p4-") as tmp:
+        for n in QUICK_SIZES if quick else SIZES:
+            out = Path(tmp) / f"silos-{n}"
+            ovr = overrides(n, quick)
+            build = run_cell("silo_build", {"overrides": ovr, "out": str(out)}, TIMEOUT["build"])
+            res[n] = {"build": build}
+            if "error" in build:
+                echo(f"P4 {n} users: build {build['error']}")
+                continue
+            node = run_cell("silo_round", {"overrides": ovr, "combos": combos(),
+                                           "silo_dir": str(out / build["client"])},
+                            TIMEOUT["round"])
+            res[n]["node"] = node
+            echo(f"P4 {n} users: build {build['generate_s'] + build['cut_s']:.0f}s, "
+                 + (node["error"] if "error" in node else
+                    f"tasks {node['tasks_s']:.0f}s, rounds " + " ".join(
+                        f"{c['round_s'][0]:.1f}" for c in node["combos"])))
+    return res
+
+
+# ---- report ----------------------------------------------------------------------------------
+def _label(dp: bool) -> str:
+    return "local" if dp else "none"
+
+
+def data_rows(res: dict) -> list[list]:
+    rows = []
+    for n, r in sorted(res.items()):
+        b, node = r["build"], r.get("node", {"error": "not run"})
+        if "error" in b:
+            rows.append([n, f"failed: {b['error']}"] + [""] * 9)
+            continue
+        tail = ([f"failed: {node['error']}", "", "", ""] if "error" in node else
+                [node["read_s"], node["tasks_s"], node["peak_load_mb"], node["rss_loaded_mb"]])
+        rows.append([n, b["users"], b["train_users"], b["interactions"], b["generate_s"],
+                     b["cut_s"] + b["write_s"], b["peak_rss_mb"], *tail])
+    return rows
+
+
+def combo_index(res: dict) -> dict[tuple[str, bool], dict[int, dict]]:
+    """(algorithm, dp) -> silo size -> that combination's cell result."""
+    out: dict = {}
+    for n, r in sorted(res.items()):
+        for c in r.get("node", {}).get("combos", []):
+            out.setdefault((c["algorithm"], bool(c["dp"])), {})[n] = c
+    return out
+
+
+def round_rows(res: dict) -> list[list]:
+    rows = []
+    for (algo, dp), by_n in combo_index(res).items():
+        for n, c in sorted(by_n.items()):
+            t, users = c["round_s"][0], c["sampled"][0]
+            rows.append([n, algo, _label(dp), users, t, users / t if t > 0 else float("nan"),
+                         t / max(users, 1) * 1000, c["round_peak_mb"], c["budget_s"],
+                         c["node_s"]])
+    return rows
+
+
+def growth(res: dict) -> list[tuple[str, bool, int, int, float]]:
+    """(algorithm, dp, n0, n1, ratio of ms per sampled user, largest / smallest silo)."""
+    out = []
+    for (algo, dp), by_n in combo_index(res).items():
+        if len(by_n) < 2:
+            continue
+        n0, n1 = min(by_n), max(by_n)
+        per = [by_n[n]["round_s"][0] / max(by_n[n]["sampled"][0], 1) for n in (n0, n1)]
+        out.append((algo, dp, n0, n1, per[1] / per[0]))
+    return out
+
+
+def grown_functions(res: dict, algo: str, dp: bool, top: int = 5, floor_s: float = 0.005
+                    ) -> list[tuple[str, float, float]]:
+    """Functions of the profiled round whose own time grew most from the smallest to the
+    largest silo: (function, seconds on the smallest, seconds on the largest)."""
+    by_n = combo_index(res).get((algo, dp), {})
+    if len(by_n) < 2:
+        return []
+    small, large = by_n[min(by_n)]["profile"], by_n[max(by_n)]["profile"]
+    rows = [(f, small.get(f, 0.0), t) for f, t in large.items() if t >= floor_s]
+    rows.sort(key=lambda r: -(r[2] - r[1]))
+    return rows[:top]
+
+
+def verdicts(res: dict) -> list[str]:
+    out = []
+    for algo, dp, n0, n1, ratio in growth(res):
+        grew = ratio > GROWTH
+        line = (f"{algo}, privacy={_label(dp)}: time per sampled user x{ratio:.2f} from "
+                f"{n0:,} to {n1:,} users -> 'cost grows with sampled users, not silo size' "
+                f"**{'missed' if grew else 'met'}**")
+        if grew:
+            fns = grown_functions(res, algo, dp, top=3)
+            line += " (grew most: " + "; ".join(f"`{f}` {a:.3f} -> {b:.3f} s"
+                                                for f, a, b in fns) + ")"
+        out.append(line + ".")
+    return out
 
 
 def run(quick: bool, echo=print) -> str:
-    rows, res = [], {}
-    for n, c in grid(quick):
-        r = run_cell("scale", {"interactions": n, "clients": c, "users_per_step": 8},
-                     timeout=300)
-        if "error" in r:
-            rows.append([n, c, "failed", "", "", "", "", "", r["error"]])
-            echo(f"P4 {n} x {c}: {r['error']}")
-            continue
-        res[(n, c)] = r
-        rows.append([n, c, r["interactions"], r["data_s"] + r["build_s"], r["round_s"],
-                     r["round_s"] / r["clients"] * 1000, r["peak_rss_mb"], r["largest_client_users"],
-                     f"{r['without_tasks']} clients without tasks skipped" if r.get("without_tasks")
-                     else ""])
-        echo(f"P4 {n} x {c}: round {r['round_s']:.1f}s peak {r['peak_rss_mb']:.0f} MB")
-    counts = [n for n, _ in res]
-    mid = max(set(counts), key=counts.count) if res else None   # the clients sweep
-    by_c = sorted((c, r) for (n, c), r in res.items() if n == mid)
-    by_n = sorted((n, r) for (n, c), r in res.items() if c == (32 if not quick else 2))
-    verdict = []
-    if len(by_c) >= 2:
-        (c0, r0), (c1, r1) = by_c[0], by_c[-1]
-        growth = (r1["round_s"] / r0["round_s"]) / (c1 / c0)
-        rss = r1["peak_rss_mb"] / r0["peak_rss_mb"]
-        verdict.append(f"Round time from {c0} to {c1} clients grew x{r1['round_s'] / r0['round_s']:.2f} "
-                       f"for x{c1 / c0:.0f} the work ({growth:.2f} of linear): "
-                       f"{'about linear' if 0.6 <= growth <= 1.4 else 'not linear'}.")
-        verdict.append(f"Peak RSS from {c0} to {c1} clients: x{rss:.2f} -> target 'peak RSS flat in "
-                       f"the number of clients' **{'met' if rss <= 1.15 else 'missed'}**"
-                       + ("" if rss <= 1.15 else f" ({rss - 1:+.0%})") + ".")
-    if len(by_n) >= 2:
-        (n0, r0), (n1, r1) = by_n[0], by_n[-1]
-        verdict.append(f"From {n0:,} to {n1:,} interactions (same clients) peak RSS went "
-                       f"{r0['peak_rss_mb']:.0f} -> {r1['peak_rss_mb']:.0f} MB and the round "
-                       f"{r0['round_s']:.2f} -> {r1['round_s']:.2f} s. Memory is *not* bounded by "
-                       "the largest client: one process holds the whole data set and every "
-                       "client's tasks (the in-process runtime builds all clients up front), and a "
-                       "Flower SuperNode does the same today (it rebuilds the whole federation "
-                       "from config and keeps only its own client's work); building only the "
-                       "node's own partition is what would give the bound.")
-    return "\n".join([
-        "## P4 Scale",
+    res = measure(quick, echo)
+    sizes = sorted(res)
+    lines = [
+        "## P4 Silo scale",
         "",
-        "One fresh process per cell: `scaled` synthetic data (both domains), federation build, "
-        "then one training round over all clients (FedAvg without DP, 1 local step of 8 users "
-        "each, tiny model, one thread). Build time includes data generation.",
+        f"One e-commerce silo of {', '.join(f'{n:,}' for n in sizes)} synthetic users (the "
+        "generator at that size; 20 % of them cold-start users, who do not train), one node on "
+        f"it: {LOCAL_STEPS if not quick else 1} local steps of q*n = {USERS_PER_STEP} sampled "
+        "users (`algorithm.users_per_step`, the same on every silo: a DP step samples each "
+        f"user with q = {USERS_PER_STEP}/n), tiny model, one thread, no evaluation. Data build "
+        "and node processes are fresh per silo size; round figures are the node's first round "
+        "(timed; a second, profiled round follows), peak RSS is the rise of VmHWM over the RSS "
+        "before the rounds (VmHWM reset), the node's own peak while loading is in the first table.",
         "",
         "```", "fedmeta-bench --only P4", "```",
         "",
-        table(["target interactions", "clients", "actual interactions", "build s", "round s",
-               "ms per client", "peak RSS MB", "largest client users", "note"], rows),
+        "One-off data costs (not per round):",
         "",
-        *[f"- {v}" for v in verdict],
-    ])
+        table(["silo users", "users", "training users", "interactions", "generate s",
+               "cut + write s", "build peak RSS MB", "node: read silo s", "node: build tasks s",
+               "node: peak RSS loading MB", "node: RSS loaded MB"], data_rows(res)),
+        "",
+        "Per round:",
+        "",
+        table(["silo users", "algorithm", "privacy", "sampled users", "round s", "users/s",
+               "ms per sampled user", "round peak above load MB", "budget s (one-off)",
+               "node build s"], round_rows(res)),
+        "",
+        *[f"- {v}" for v in verdicts(res)],
+    ]
+    return "\n".join(lines)
+
+
+if os.environ.get("FEDMETA_P4_SIZES"):       # e.g. "1000,10000": a shorter sweep by hand
+    SIZES = tuple(int(x) for x in os.environ["FEDMETA_P4_SIZES"].split(","))

@@ -109,3 +109,74 @@ def test_run_builds_a_section_from_measurements(monkeypatch):
     assert text.startswith("## P6 Per-node memory")
     assert "abc1234" in text and "fedmeta-bench --only P6" in text
     assert text.count("\n| 2 | none |") == 2          # node table and breakdown
+
+
+# ---- P4 (silo scale): the same kind of checks on its tables ----------------------------------
+from bench import p4_scale  # noqa: E402
+
+
+def _combo(algo, dp, t, users, profile):
+    return {"algorithm": algo, "dp": dp, "round_s": [t, t * 3], "sampled": [users] * 2,
+            "round_peak_mb": 50.0, "budget_s": 1.0 if dp else 0.0, "node_s": 0.5,
+            "profile": profile, "steps": 2}
+
+
+def _p4(times):
+    """times: silo size -> round seconds of (fedavg, no DP); DP rounds take twice as long."""
+    res = {}
+    for n, t in times.items():
+        prof = {"tasks.py:1(sample)": t / 2 * n / 1000, "base.py:2(step)": 0.1}
+        res[n] = {"build": {"users": n, "train_users": int(n * 0.8), "interactions": n * 30,
+                            "generate_s": 1.0, "cut_s": 0.5, "write_s": 0.25,
+                            "peak_rss_mb": 600.0, "client": "ecommerce-0"},
+                  "node": {"read_s": 0.1, "tasks_s": 2.0, "peak_load_mb": 550.0,
+                           "rss_loaded_mb": 540.0,
+                           "combos": [_combo("fedavg", False, t, 64, prof),
+                                      _combo("fedavg", True, 2 * t, 60, prof)]}}
+    return res
+
+
+def test_p4_overrides_fix_sampled_users_across_sizes():
+    small, large = p4_scale.overrides(1000), p4_scale.overrides(100_000)
+    assert "data.synthetic.ecommerce_users=100000" in large
+    same = [o for o in small if not o.startswith("data.synthetic.ecommerce_users")]
+    assert same == [o for o in large if not o.startswith("data.synthetic.ecommerce_users")]
+    assert f"algorithm.users_per_step={p4_scale.USERS_PER_STEP}" in small
+    assert len(p4_scale.combos()) == 6
+
+
+def test_p4_rows_use_the_timed_round():
+    rows = p4_scale.round_rows(_p4({1000: 1.0, 100_000: 1.0}))
+    fedavg = [r for r in rows if r[1] == "fedavg" and r[2] == "none"]
+    assert [r[0] for r in fedavg] == [1000, 100_000]
+    assert fedavg[0][3:7] == [64, 1.0, 64.0, 1000 / 64]
+    data = p4_scale.data_rows(_p4({1000: 1.0}))
+    assert data[0][:7] == [1000, 1000, 800, 30000, 1.0, 0.75, 600.0]
+
+
+def test_p4_failed_build_and_node_rows():
+    res = _p4({1000: 1.0, 10_000: 1.0})
+    res[10_000]["node"] = {"error": "timeout after 2400s"}
+    res[1000] = {"build": {"error": "exit 1: boom"}}       # no node without its silo
+    rows = p4_scale.data_rows(res)
+    assert rows[0][1].startswith("failed") and "timeout" in rows[1][7]
+    assert all(len(r) == 11 for r in rows)
+    assert p4_scale.round_rows(res) == []
+
+
+def test_p4_verdicts_flag_growth_and_name_the_function():
+    flat = p4_scale.verdicts(_p4({1000: 1.0, 100_000: 1.1}))
+    assert len(flat) == 2 and all("**met**" in v for v in flat)
+    grown = p4_scale.verdicts(_p4({1000: 1.0, 100_000: 5.0}))
+    assert all("**missed**" in v for v in grown)
+    assert "tasks.py:1(sample)" in grown[0]
+    fns = p4_scale.grown_functions(_p4({1000: 1.0, 100_000: 5.0}), "fedavg", False)
+    assert fns[0][0] == "tasks.py:1(sample)" and fns[0][2] > fns[0][1]
+
+
+def test_p4_run_builds_a_section(monkeypatch):
+    monkeypatch.setattr(p4_scale, "measure", lambda quick, echo=print: _p4({1000: 1.0,
+                                                                            10_000: 1.0}))
+    text = p4_scale.run(False, echo=lambda s: None)
+    assert text.startswith("## P4 Silo scale") and "fedmeta-bench --only P4" in text
+    assert text.count("| fedavg | local |") == 2
