@@ -6,7 +6,8 @@ lost its ``Context.state`` could carry on; a node without state of its own trust
 server's copy. A server could therefore reset the spent budget, or replace the noise
 multiplier and target it was solved for.
 
-Observed on the old code (bc7380d, ecommerce-0, restarted node i.e. empty Context.state):
+Observed on the old code (bc7380d, ecommerce-0, sigma = 1, restarted node i.e. empty
+Context.state):
 an honest round 1 released noise of per-coordinate std 0.2499 (sigma C / B = 0.25) and
 reported epsilon 0.440; a round 2 carrying ``fedmeta.state`` = {accountant: RDP, delta 0.5,
 no target, empty history; noise_multiplier 0.0; the node's own sample rate} was trained

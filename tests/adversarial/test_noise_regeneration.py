@@ -6,8 +6,8 @@ and is left with the clipped sum of the sampled users' directions: no privacy at
 old code seeded the noise with ``(seed * 1_000_003 + n_users * 7919 + steps_taken) % 2**63``
 -- the run seed, the silo's user count and a step counter, all known to the server.
 
-Observed on the old code (bc7380d, same tiny config, SGD at rate 1, ecommerce-0 with 36
-training users, B = 4): the server brute-forced the number of token-table rows the batch
+Observed on the old code (bc7380d, the same tiny config at sigma = 1, SGD at rate 1,
+ecommerce-0 with 36 training users, B = 4): the server brute-forced the number of token-table rows the batch
 read (r = 268, found in 0.2 s by matching the next parameter's noise), regenerated every
 draw from seed ``36 * 7919``, and the residual over the 73,473 non-token coordinates was
 0.448 (release norm 67.8): the clipped sum itself, norm 1.79 for ~4 users at C = 1.

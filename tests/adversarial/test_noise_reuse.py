@@ -7,7 +7,7 @@ directions. The old code keyed the noise on (run seed, user count, steps taken):
 for every replay to a restarted node (the server handed back the old step count in its
 ``fedmeta.state``) and for any two silos of equal size.
 
-Observed on the old code (bc7380d, tiny config, SGD at rate 1, B = 4):
+Observed on the old code (bc7380d, tiny config at sigma = 1, SGD at rate 1, B = 4):
 
 * replaying round 1 to restarted ecommerce-0 with the global arrays P and then 0.9 P: the
   releases differed by norm 0.0377 (a noiseless difference of clipped sums; fresh noise
