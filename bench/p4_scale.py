@@ -99,7 +99,8 @@ def round_rows(res: dict) -> list[list]:
         for n, c in sorted(by_n.items()):
             t, users = c["round_s"][0], c["sampled"][0]
             rows.append([n, algo, _label(dp), users, t, users / t if t > 0 else float("nan"),
-                         t / max(users, 1) * 1000, c["round_peak_mb"], c["budget_s"],
+                         t / max(users, 1) * 1000, c["round_peak_mb"],
+                         c["budget_s"] if dp else 0.0,
                          c["node_s"]])
     return rows
 
