@@ -177,6 +177,10 @@ class LocalDPConfig:
     mechanism: str = "rdp"        # rdp | prv
     grad_sample_mode: str = "functorch"   # functorch | hooks | ghost (hooks/ghost: FedAvg only)
     secure_mode: bool = False     # Opacus secure_mode noise (floating-point attack mitigation)
+    # The node's declared (public) number of training users: sets q = users_per_step / population,
+    # the default delta and the divisor of the noisy sum, so no released value depends on the
+    # silo's real size. null: the real count (the simulation engine declares it per node).
+    population: int | None = None
     # Reproducible noise and sampling, for simulations only: seeds come from HMAC(secret, ...)
     # instead of the OS CSPRNG, so the run is NOT private against anyone who knows the secret
     # (outputs say so). Never derived from the run seed or anything the server sends.
@@ -199,6 +203,9 @@ class LocalDPConfig:
                    self.target_epsilon)
         if self.delta is not None:
             _check("privacy.local.delta", 0 < self.delta < 1, "must be in (0, 1)", self.delta)
+        if self.population is not None:
+            _check("privacy.local.population", self.population >= 1, "must be >= 1",
+                   self.population)
         if self.reproducible_secret:
             _check("privacy.local.reproducible_secret", len(self.reproducible_secret) >= 16,
                    "needs at least 16 characters", "<hidden>")

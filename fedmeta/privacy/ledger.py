@@ -68,11 +68,21 @@ class DPPlan:
 
 def make_plan(dp: LocalDPConfig, n_users: int, users_per_step: int, planned_steps: int,
               solve: bool = True) -> DPPlan:
-    """``solve=False``: leave sigma unsolved (NaN) for a target; enough to check a ledger."""
-    if n_users < 1:
+    """``solve=False``: leave sigma unsolved (NaN) for a target; enough to check a ledger.
+
+    The sampling rate and the default delta come from the *declared* population
+    (``privacy.local.population``), a public setting of the node, so nothing the node
+    releases is a function of how many users its silo really holds; without a declaration
+    they fall back to ``n_users`` (logged: the replies then reveal that count)."""
+    population = dp.population if dp.population is not None else n_users
+    if population < 1:
         raise LedgerError("local DP needs at least one training user")
-    delta = dp.delta if dp.delta is not None else default_delta(n_users)
-    q = min(1.0, users_per_step / n_users)
+    if dp.population is None:
+        log.warning("privacy.local.population is not declared: the sampling rate and delta "
+                    "follow this node's actual user count (%d), which its replies then reveal",
+                    n_users)
+    delta = dp.delta if dp.delta is not None else default_delta(population)
+    q = min(1.0, users_per_step / population)
     if dp.noise_multiplier is not None:
         sigma = float(dp.noise_multiplier)
     elif solve:

@@ -46,8 +46,8 @@ from fedmeta.runtime.private_store import PrivateStore
 log = logging.getLogger(__name__)
 
 #: the only metrics a DP node's training reply may carry (anything else stays on the node)
-DP_REPLY_METRICS = frozenset({"epsilon", "delta", "noise_multiplier", "sample_rate", "dp_steps",
-                              "budget_exhausted", "private_against_server"})
+DP_REPLY_METRICS = frozenset({"epsilon", "delta", "dp_steps", "budget_exhausted",
+                              "private_against_server"})
 
 
 class RunMismatch(ValueError):
@@ -204,9 +204,9 @@ class Node:
         return PrivacyLedger.open(self.nc.state_dir, self.client_id, self.plan(solve=False))
 
     def privacy_report(self, ledger: PrivacyLedger) -> dict[str, float]:
+        """What a DP node tells the server of its privacy: functions of its declared
+        settings and of the public schedule only (sigma and q stay in the ledger)."""
         return {"epsilon": ledger.epsilon(), "delta": ledger.plan.delta,
-                "noise_multiplier": ledger.plan.noise_multiplier,
-                "sample_rate": ledger.plan.sample_rate,
                 "private_against_server": 0.0 if self.secret is not None else 1.0}
 
     # ---- private item table ----------------------------------------------------------------
@@ -247,7 +247,10 @@ class Node:
             from fedmeta.privacy.local import PrivateStep
 
             gen = torch_generator(self.secret, f"{self.client_id}/train/{nonce}")
-            step: Step = PrivateStep(self.nc.privacy, len(self.tasks.train),
+            # the noisy sum is divided by the expected batch q * (declared population): a
+            # divisor from the real count would show in the noise's scale
+            population = self.nc.privacy.population or len(self.tasks.train)
+            step: Step = PrivateStep(self.nc.privacy, population,
                                      ledger.plan.sample_rate, ledger.plan.noise_multiplier, gen)
         else:
             gen = torch.Generator().manual_seed(
