@@ -31,7 +31,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
 from fedmeta.algorithms.base import ClientUpdate
 from fedmeta.config import LocalDPConfig, run_config
-from fedmeta.data.silo import Silo, read_silo, write_silos
+from fedmeta.data.silo import Silo, write_silos
 from fedmeta.privacy.ledger import HWM, LEDGER
 from fedmeta.runtime.node import NodeConfig, init_budget
 from server import wire

@@ -77,7 +77,7 @@ def test_forged_state_is_refused_and_epsilon_is_the_ledgers(fed, tmp_path):
         assert history == [[sigma, q, server_round]]
         own = UserLevelAccountant.from_state_dict(raw["accountant"]).epsilon()
         assert update.metrics["epsilon"] == own
-        assert update.metrics["noise_multiplier"] == sigma
+        assert raw["plan"]["noise_multiplier"] == sigma
         independent = independent_epsilon(history, raw["plan"]["delta"], "rdp")
         assert agrees(own, independent, "rdp"), (own, independent)
         # the release is noised at the node's own sigma: per-coordinate std sigma C / B
@@ -92,5 +92,5 @@ def test_noise_check_has_power(fed, tmp_path):
     message that managed to switch the noise off."""
     node = sp.make_node(fed, tmp_path / "weak", CLIENT, privacy=sp.dp(noise_multiplier=0.0))
     update = sp.train(fed, node, 1, CLIENT).update()
-    assert update.metrics["noise_multiplier"] == 0.0
+    assert _ledger(node)["plan"]["noise_multiplier"] == 0.0
     assert _noise_std(update.delta) < 0.05 * fed.noise_std(CLIENT)

@@ -7,10 +7,11 @@ old code seeded the noise with ``(seed * 1_000_003 + n_users * 7919 + steps_take
 -- the run seed, the silo's user count and a step counter, all known to the server.
 
 Observed on the old code (bc7380d, the same tiny config at sigma = 1, SGD at rate 1,
-ecommerce-0 with 36 training users, B = 4): the server brute-forced the number of token-table rows the batch
-read (r = 268, found in 0.2 s by matching the next parameter's noise), regenerated every
-draw from seed ``36 * 7919``, and the residual over the 73,473 non-token coordinates was
-0.448 (release norm 67.8): the clipped sum itself, norm 1.79 for ~4 users at C = 1.
+ecommerce-0 with 36 training users, B = 4): the server brute-forced the number of
+token-table rows the batch read (r = 268, found in 0.2 s by matching the next parameter's
+noise), regenerated every draw from seed ``36 * 7919``, and the residual over the 73,473
+non-token coordinates was 0.448 (release norm 67.8): the clipped sum itself, norm 1.79 for
+~4 users at C = 1.
 3,828 of the 4,096 token-table rows equalled the regenerated noise bit for bit, so the other
 268 rows named exactly which item tokens the sampled users' histories contain.
 
@@ -121,8 +122,8 @@ def test_identical_nodes_release_fresh_noise(fed, tmp_path):
 def test_constant_entropy_makes_releases_identical(fed, tmp_path, monkeypatch):
     """The entropy is ``os.urandom``'s: with it stuck, two identical nodes release the very
     same update. A regression to any seed computed from public values looks like this."""
-    monkeypatch.setattr("fedmeta.privacy.randomness.os.urandom",
-                        sp.constant_urandom(sp.old_noise_seed(fed.cfg.seed, fed.n_users[CLIENT], 0)))
+    public = sp.old_noise_seed(fed.cfg.seed, fed.n_users[CLIENT], 0)
+    monkeypatch.setattr("fedmeta.privacy.randomness.os.urandom", sp.constant_urandom(public))
     a = _release(fed, tmp_path, "a")
     sp.restart_nodes()
     b = _release(fed, tmp_path, "b")

@@ -5,9 +5,9 @@ The attack. The old protocol carried the experiment config in every message
 it, privacy settings included. A server could send ``privacy=none`` or
 ``privacy.local.noise_multiplier=0.0`` and get the un-noised update back.
 
-Observed on the old code (bc7380d, ecommerce-0, tiny config at sigma = 1, SGD at rate 1): with the same
-overrides plus ``privacy=none`` (or ``privacy.local.enabled=false``) the node trained without
-DP: release norm 45.56 (the DP release is noise-dominated, norm 144.8), metrics
+Observed on the old code (bc7380d, ecommerce-0, tiny config at sigma = 1, SGD at rate 1):
+with the same overrides plus ``privacy=none`` (or ``privacy.local.enabled=false``) the node
+trained without DP: release norm 45.56 (the DP release is noise-dominated, norm 144.8), metrics
 ``num-examples`` = 36 and ``train_query_loss`` = 11.245; with
 ``privacy.local.noise_multiplier=0.0`` it clipped but added no noise: release norm 0.451.
 Nothing was refused.

@@ -10,18 +10,20 @@ neighbours except for the noised update.
 Observed on the old code (bc7380d, ecommerce-0 under local DP): the reply metrics were
 ``num-examples`` = 36 (the silo's task count, as the aggregation weight),
 ``train_query_loss`` = 14.3169 (the sampled users' mean loss before the step, exact),
-``epsilon``, ``noise_multiplier``, ``sample_rate`` = 0.1111 and ``dp_steps``.
+``epsilon``, ``noise_multiplier``, ``sample_rate`` = 0.1111 (= 4 / 36) and ``dp_steps``.
 
 Now: the reply's metric keys are a subset of :data:`DP_REPLY_METRICS` (no loss), the weight
 is 1, and evaluation replies carry no ``warm`` rows. A non-DP node of the same silo shows
 what the checks catch: its reply has the raw loss, the task count as weight and warm rows.
 
-Finding (xfail below): the DP reply still carries ``sample_rate`` = users_per_step / n and
-``delta`` = 1 / (10 n) -- both the silo's exact number of training users -- and ``epsilon``,
-a function of both. Neighbouring silos (one training user removed) give different values,
-so the server reads n exactly (4 / 0.1111 = 36 against 4 / 0.1143 = 35), the very count the
-constant weight was meant to hide. (Under a target epsilon the solved noise multiplier is a
-function of n as well; this test runs at a fixed sigma.)
+Finding (xfail below): with the default settings the DP reply carried ``sample_rate`` =
+users_per_step / n and ``delta`` = 1 / (10 n) -- both the silo's exact number of training
+users -- and ``epsilon``, a function of both. Neighbouring silos (one training user removed)
+gave different values, so the server read n exactly (4 / 0.1111 = 36 against 4 / 0.1143 =
+35), the very count the constant weight was meant to hide. (Under a target epsilon the
+solved noise multiplier is a function of n as well; these tests run at a fixed sigma.) A
+node that declares its population (``privacy.local.population``, where that setting exists)
+must give neighbours identical replies: checked below, skipped on code without the setting.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from server import wire
 from tests.adversarial import server_play as sp
 
 CLIENT = "ecommerce-0"
+#: functions of the silo's user count unless the node declares its population (see xfail)
+COUNT_DERIVED = frozenset({"epsilon", "delta", "sample_rate", "noise_multiplier"})
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,8 @@ def test_neighbours_give_identical_non_noised_fields(fed, neighbours):
     m_full, m_minus = full.update(), minus.update()
     assert m_full.num_tasks == m_minus.num_tasks
     assert rows_full == rows_minus         # only evaluation-only (cold) users, unchanged
-    for key in ("noise_multiplier", "dp_steps", "budget_exhausted", "private_against_server"):
+    assert set(m_full.metrics) == set(m_minus.metrics)
+    for key in sorted(set(m_full.metrics) - COUNT_DERIVED):
         assert m_full.metrics[key] == m_minus.metrics[key], key
     # the update is the only data-dependent field, and it is noise-sized in both
     for update in (m_full, m_minus):
@@ -80,19 +85,41 @@ def test_neighbours_give_identical_non_noised_fields(fed, neighbours):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "privacy_report() releases sample_rate = users_per_step / n and delta = 1/(10 n), and "
-    "epsilon computed from both: exact functions of the node's training-user count n, so "
-    "neighbouring silos differ (n = users_per_step / sample_rate). Fix (fedmeta/runtime/node.py): "
-    "drop 'sample_rate', 'delta' and 'epsilon' from DP_REPLY_METRICS / Node.privacy_report's "
-    "reply (keep them in the node's own ledger and 'fedmeta-node show'), or derive q and delta "
-    "from a public, operator-declared population size instead of len(tasks.train). Under a "
-    "target epsilon the solved noise_multiplier is a function of n too."))
+    "with default settings Node.privacy_report() releases delta = 1/(10 n) (and, before "
+    "privacy.local.population, sample_rate = users_per_step / n) and epsilon computed from "
+    "q and delta: exact functions of the node's training-user count n, so neighbouring silos "
+    "differ. Fix: derive q, delta (and the noisy sum's divisor) from a public, declared "
+    "population instead of len(tasks.train) and make declaring it the default (or drop "
+    "delta/epsilon/sample_rate from DP_REPLY_METRICS, keeping them in the ledger and "
+    "'fedmeta-node show'). Under a target epsilon the solved sigma is a function of n too."))
 def test_neighbours_give_identical_privacy_metrics(neighbours):
     (full, _), (minus, _) = neighbours
     m_full, m_minus = full.update().metrics, minus.update().metrics
     assert set(m_full) == set(m_minus)
     for key in sorted(m_full):
         assert m_full[key] == m_minus[key], (key, m_full[key], m_minus[key])
+
+
+def test_declared_population_gives_neighbours_identical_replies(fed, tmp_path):
+    """A node that declares its population releases nothing that depends on its real size:
+    neighbouring silos give the same metrics, to the bit, and noise of the same scale."""
+    from dataclasses import fields
+
+    from fedmeta.config import LocalDPConfig
+
+    if "population" not in {f.name for f in fields(LocalDPConfig)}:
+        pytest.skip("this code has no privacy.local.population setting")
+    declared = sp.dp(population=fed.n_users[CLIENT])
+    silo = sp.neighbour_silo(fed, CLIENT, tmp_path / "silos")
+    replies = []
+    for name, silo_dir in (("full", None), ("minus-one", silo)):
+        node = sp.make_node(fed, tmp_path / name, CLIENT, privacy=declared, silo_dir=silo_dir)
+        replies.append(sp.train(fed, node, 1, CLIENT).update())
+    full, minus = replies
+    assert full.num_tasks == minus.num_tasks == 1
+    assert full.metrics == minus.metrics
+    for update in replies:
+        assert sp.relative(float(sp.flat(update.delta).std()), fed.noise_std(CLIENT)) < 0.03
 
 
 def test_without_dp_the_same_checks_see_the_leak(fed, tmp_path):
