@@ -129,7 +129,8 @@ def parser() -> argparse.ArgumentParser:
     au.add_argument("--out", type=Path, default=Path("outputs/privacy_audit"))
     au.add_argument("--canaries", type=count, default=AuditSetup.canaries)
     au.add_argument("--fillers", type=int, default=AuditSetup.fillers,
-                    help="non-canary users of the client (default: %(default)s)")
+                    help="non-canary users of the client (default: %(default)s; with "
+                         "--filler model, the synthetic client's own users)")
     au.add_argument("--dim", type=int, default=AuditSetup.dim,
                     help="dimension of the directions (0: canaries + 1000)")
     au.add_argument("--rounds", type=count, default=AuditSetup.rounds)
@@ -138,7 +139,9 @@ def parser() -> argparse.ArgumentParser:
     au.add_argument("--delta", type=open_unit, default=AuditSetup.delta)
     au.add_argument("--confidence", type=open_unit, default=AuditSetup.confidence)
     au.add_argument("--canary", choices=CANARY_KINDS, default=AuditSetup.canary)
-    au.add_argument("--filler", choices=FILLER_KINDS, default=AuditSetup.filler)
+    au.add_argument("--filler", choices=FILLER_KINDS, default=AuditSetup.filler,
+                    help="random: a fresh random direction of norm C per step; none; model: "
+                         "FedAvg gradients of the tiny fedmeta model (default: %(default)s)")
     au.add_argument("--mechanism", choices=MECHANISMS, default=AuditSetup.mechanism)
     au.add_argument("--seed", type=int, default=AuditSetup.seed)
 

@@ -67,6 +67,42 @@ def test_bound_edges_and_bad_input():
             epsilon_lower_bound(*bad)
 
 
+# ---- the one-shot estimate --------------------------------------------------------------
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_gaussian_epsilon_matches_dp_accounting_for_the_gaussian_mechanism(sigma):
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    acc = PLDAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(sigma))
+    assert audit_mod.gaussian_epsilon(1.0, sigma, 0.0, sigma, 1e-5) == pytest.approx(
+        acc.get_epsilon(1e-5), rel=1e-4)
+
+
+@pytest.mark.parametrize("m1,s1,m0,s0,eps", [(1, 2, 0, 1, 0.5), (2, 0.5, 0, 1, 1.0),
+                                             (0, 3, 0, 1, 0.2), (1, 1, 0, 1, 0.7)])
+def test_hockey_stick_of_two_gaussians_matches_integration(m1, s1, m0, s0, eps):
+    from scipy import integrate
+
+    def gap(x):
+        return max(0.0, stats.norm.pdf(x, m1, s1) - math.exp(eps) * stats.norm.pdf(x, m0, s0))
+
+    expected, _ = integrate.quad(gap, -60, 60, limit=500, points=[m0, m1])
+    assert audit_mod._hockey_stick(eps, m1, s1, m0, s0) == pytest.approx(expected, rel=1e-6)
+
+
+def test_one_shot_estimate_recovers_a_gaussian_mechanism():
+    """Scores from a Gaussian mechanism with shift 1: the estimate is close to its epsilon
+    and the interval covers it (10k canaries: the shift is known to +-0.03)."""
+    gen = torch.Generator().manual_seed(3)
+    included = torch.rand(10_000, generator=gen) < 0.5
+    scores = torch.randn(10_000, generator=gen, dtype=torch.float64) * 2.0 + 2.0 * included
+    truth = audit_mod.gaussian_epsilon(1.0, 1.0, 0.0, 1.0, 1e-5)
+    est, low, high = audit_mod.one_shot_estimate(scores, included, 1e-5)
+    assert low < truth < high and est == pytest.approx(truth, rel=0.1)
+    assert high - low < 0.2 * truth
+
+
 # ---- the mechanism ----------------------------------------------------------------------
 def test_the_release_is_the_sum_of_clipped_steps_divided_by_the_expected_batch():
     """Without noise, with every user sampled and no fillers: each included canary adds its
@@ -74,13 +110,30 @@ def test_the_release_is_the_sum_of_clipped_steps_divided_by_the_expected_batch()
     setup = AuditSetup(canaries=6, fillers=0, dim=6, rounds=2, local_steps=3, sample_rate=1.0,
                        filler="none", clip=0.5, canary_norm=3.0)
     gen = torch.Generator().manual_seed(1)
-    canaries = audit_mod.canary_directions(setup, gen)
-    assert torch.allclose(canaries.norm(dim=1), torch.full((6,), 1.5, dtype=torch.float64))
-    included = torch.tensor([True, False, True, True, False, False])
-    out = release(setup, 0.0, canaries, included, gen)
-    unit = canaries / canaries.norm(dim=1, keepdim=True)
-    expected = 6 * 0.5 * unit[included].sum(0) / 6          # expected batch = 1.0 x 6 users
-    assert torch.allclose(out, expected, atol=1e-6)
+    for kind in ("dirac", "random"):
+        canaries = audit_mod.Canaries.draw(kind, 6, 6, 1.5, gen)
+        rows = canaries.rows(torch.arange(6))
+        assert torch.allclose(rows.norm(dim=1), torch.full((6,), 1.5))
+        included = torch.tensor([True, False, True, True, False, False])
+        out = release(setup, 0.0, canaries, included, gen)
+        expected = 6 * 0.5 * (rows[included].double() / 1.5).sum(0) / 6   # batch: 1.0 x 6
+        assert torch.allclose(out, expected, atol=1e-6)
+        assert torch.allclose(canaries.scores(expected), (rows.double() / 1.5) @ expected)
+
+
+def test_model_fillers_send_real_gradients_and_the_audit_runs_on_them():
+    # every user in every step (q = 1): with q < 1 some included canaries are never sampled
+    setup = AuditSetup(canaries=50, filler="model", rounds=1, local_steps=2, sample_rate=1.0)
+    r = audit(setup, math.inf)
+    fillers = audit_mod.ModelFillers(setup)
+    assert r.fillers == fillers.n > 0
+    assert r.dim == sum(v.numel() for v in fillers.like.values())
+    grads = fillers.directions(torch.arange(3), torch.Generator().manual_seed(0))
+    assert set(grads) == set(fillers.like)
+    assert all(g.shape == (3, *fillers.like[k].shape) for k, g in grads.items())
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+    # no noise, but real gradients land on some canaries' coordinates too
+    assert r.lower_bound > 0.5 and r.correct >= 0.8 * r.guesses
 
 
 def test_noise_of_the_built_step_is_sigma_c_over_the_expected_batch():
@@ -119,6 +172,7 @@ def test_with_noise_the_bound_stays_below_the_accountant(eps, sigmas):
     assert r.epsilon_dp_accounting <= eps
     assert 0.0 <= r.lower_bound <= r.epsilon
     assert r.delta == FAST.delta and r.confidence == 0.95 and r.canaries == 1000
+    assert 0.0 <= r.one_shot_low <= r.one_shot <= r.one_shot_high
 
 
 def test_an_under_noised_privatiser_is_caught(sigmas, monkeypatch):
@@ -143,6 +197,7 @@ def test_random_canaries_and_no_fillers_also_audit():
     ({"canary_norm": 0.5}, "canary_norm"), ({"confidence": 1.0}, "confidence"),
     ({"canary": "x"}, "canary"), ({"filler": "x"}, "filler"), ({"delta": 0.0}, "delta"),
     ({"guess_fractions": (0.7,)}, "guess_fractions"), ({"sample_rate": 0.0}, "sample_rate"),
+    ({"filler": "model", "canary": "random"}, "dirac"),
 ])
 def test_bad_setups(change, match):
     with pytest.raises(ValueError, match=match):

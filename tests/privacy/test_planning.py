@@ -82,7 +82,8 @@ def test_like_with_like_check_agrees_and_catches_a_wrong_curve(monkeypatch):
         changed[index] = value
         return lambda h: (orders, ours, changed)
 
-    monkeypatch.setattr(planning, "rdp_curves", dp_accounting_says(integer, ours[integer] * 1.00001))
+    monkeypatch.setattr(planning, "rdp_curves",
+                        dp_accounting_says(integer, ours[integer] * 1.00001))
     assert not curves_agree(history)[0]
     monkeypatch.setattr(planning, "rdp_curves",
                         dp_accounting_says(fractional, ours[fractional] * 0.99999))
