@@ -42,7 +42,6 @@ best is reported: the confidence stated is for the reported number.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -218,13 +217,7 @@ def build_private_step(clip: float, n_users: int, sample_rate: float, noise_mult
     reproducible); a node seeds its own from the OS CSPRNG.
     """
     dp = LocalDPConfig(enabled=True, noise_multiplier=noise_multiplier, max_grad_norm=clip)
-    params = inspect.signature(PrivateStep).parameters
-    if "generator" in params:
-        return PrivateStep(dp, n_users, sample_rate, noise_multiplier, generator=generator)
-    # constructor of the previous release: an integer seed drawn from the generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return PrivateStep(dp, n_users, sample_rate, noise_multiplier,
-                       UserLevelAccountant("rdp", 0.5), noise_seed=seed)
+    return PrivateStep(dp, n_users, sample_rate, noise_multiplier, generator)
 
 
 @dataclass(frozen=True)
