@@ -7,12 +7,12 @@ protocol after the last round), central DP with fixed clipping off and on. fedme
 through ``fedmeta-simulate`` (in-process and Flower simulation) with the very overrides the
 workload was composed from; the peer runs in its own venv (:mod:`bench.peer.install`).
 
-Runs are interleaved (peer, in-process, simulation, then, DP off only, the peer with two
-threads) so the shared machine's drift touches every runtime alike; ratios are of median training-round seconds
-from runs of this invocation. Threads: fedmeta in-process trains with ``runtime.num_cpus=1``
-torch thread, the simulation runs two one-CPU actors side by side, and the peer runs its
-cohort sequentially in one process, once with one thread (the in-process comparison) and
-once with two (the whole machine, which is what the simulation gets).
+Runs are interleaved (peer, in-process, simulation, for each privacy setting) so the shared
+machine's drift touches every runtime alike; ratios are of median training-round seconds from
+runs of this invocation; every simulator evaluates after its last round only. Threads: fedmeta
+in-process trains with ``runtime.num_cpus=1`` torch thread, the simulation runs two one-CPU
+actors side by side, and the peer runs its cohort sequentially in one process with one torch
+thread, as many as the in-process loop.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from pathlib import Path
 
 from bench.common import REPO, table
 from bench.peer import install
+from bench.peer.workload import config_differences
 
 SIMULATE = str(Path(sys.executable).with_name("fedmeta-simulate"))
-KINDS = ("pfl-1", "inprocess", "simulation", "pfl-2")
+KINDS = ("pfl-1", "inprocess", "simulation")
 LABEL = {"pfl-1": "pfl 0.6, 1 thread", "pfl-2": "pfl 0.6, 2 threads",
          "inprocess": "fedmeta in-process", "simulation": "fedmeta Flower simulation"}
 NODE_LINE = re.compile(r"node (\S+): (\d+) training users, (\d+) cold users, (\d+) catalogue items")
@@ -51,7 +52,7 @@ def overrides(quick: bool, privacy: str) -> list[str]:
            "privacy.central.noise_multiplier=0.5", "privacy.central.clipping_norm=1.0"]
           if privacy == "central" else ["privacy=none"])
     return ["algorithm=fedavg", "model=tiny", *base, *dp, "runtime.fraction_train=1.0",
-            "runtime.plots=false", "runtime.device=cpu"]
+            "runtime.eval_every=0", "runtime.plots=false", "runtime.device=cpu"]
 
 
 def round_stats(rounds: list[dict]) -> dict:
@@ -150,11 +151,9 @@ def measure(quick: bool, echo, repeats: int = 1) -> dict:
         ovr = overrides(quick, privacy)
         workload = workdir / f"workload-{privacy}.pkl"
         sizes = export(["runtime=inprocess", *ovr], workload)
-        # two peer threads only once: on two shared cores they were the slower peer setting
-        kinds = KINDS if privacy == "none" else KINDS[:-1]
-        runs = found.setdefault(privacy, {k: [] for k in kinds})
+        runs = found.setdefault(privacy, {k: [] for k in KINDS})
         for rep in range(repeats):
-            for kind in kinds:
+            for kind in KINDS:
                 res = (run_peer(workload, int(kind[-1]), timeout=1800) if kind.startswith("pfl")
                        else run_fedmeta(kind, ovr, timeout=1800))
                 res["export_sizes"] = sizes
@@ -209,8 +208,7 @@ def workload_checks(runs: dict) -> dict:
     if peer is None or not ours:
         return {}
     logged = next((r["sizes"] for r in ours if r.get("sizes")), {})
-    differ = sorted(k for k in peer["config"]
-                    if any(r["config"].get(k) != peer["config"][k] for r in ours))
+    differ = sorted({k for r in ours for k in config_differences(peer["config"], r["config"])})
     return {"sizes": sizes_match(peer["sizes"], logged), "clients": len(logged),
             "config_differs": differ, "cohort": peer.get("cohort"), "params": peer.get("params"),
             "versions": peer.get("versions", {})}
@@ -236,7 +234,7 @@ def render(found: dict, s: dict) -> str:
             rows.append([label, LABEL[kind], m["rounds"], m["round_s"], m["last_s"], m["wall_s"],
                          m["ndcg"]])
         for key, what in (("ip_ratio", "in-process / pfl (1 thread)"),
-                          ("sim_ratio", "simulation / faster pfl")):
+                          ("sim_ratio", "simulation / pfl")):
             if s[privacy][key] is not None:
                 figures.append([f"DP {label}: {what}, training round", s[privacy][key]])
     text += [table(["DP", "simulator", "rounds", "train round s (median)", "last round s (with "
@@ -250,10 +248,11 @@ def render(found: dict, s: dict) -> str:
                 False: "**NO**"}[c["sizes"]]
         text += [f"- Workload check, {label}: cohort {c['cohort']} clients, {c['params']} trained "
                  f"parameters; per-client training users, cold users and catalogue items equal to "
-                 f"fedmeta's nodes: {same}; config sections "
+                 f"fedmeta's nodes: {same}; config "
                  + ("identical" if not c["config_differs"] else
-                    f"**differ**: {c['config_differs']}") + " (seed, data, model, algorithm, "
-                 "privacy from fedmeta's summary.json vs the peer's workload)."]
+                    f"**differs** at {c['config_differs']}") + " (seed, data, model, algorithm, "
+                 "privacy, runtime rounds/fraction_train/eval_every: fedmeta's summary.json vs "
+                 "the peer's workload)."]
     versions = next((s[p]["checks"].get("versions") for p in s if s[p]["checks"]), {})
     if versions:
         text += [f"- Peer venv: pfl {versions.get('pfl')}, torch {versions.get('torch')}.", ""]

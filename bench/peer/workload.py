@@ -25,6 +25,7 @@ FORMAT = 1
 
 # the part of a config the two sides must share for "the same workload"
 SHARED = ("seed", "data", "model", "algorithm", "privacy")
+SHARED_RUNTIME = ("rounds", "fraction_train", "eval_every")
 
 
 class WorkloadError(ValueError):
@@ -49,6 +50,8 @@ def check_mirrorable(cfg) -> None:
         problems.append("privacy.central: only server-side fixed clipping is mirrored")
     if cfg.runtime.fraction_train != 1.0:
         problems.append("runtime.fraction_train != 1 (the cohort is every training client)")
+    if cfg.runtime.eval_every != 0:
+        problems.append("runtime.eval_every != 0 (the peer evaluates after the last round only)")
     if cfg.algorithm.server_optimizer != "sgd":
         problems.append("algorithm.server_optimizer != 'sgd'")
     if problems:
@@ -132,4 +135,25 @@ def shared_config(cfg) -> dict:
     from fedmeta.config import to_dict
 
     plain = to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    return {k: plain[k] for k in SHARED if k in plain}
+    out = {k: plain[k] for k in SHARED if k in plain}
+    out["runtime"] = {k: plain.get("runtime", {}).get(k) for k in SHARED_RUNTIME}
+    return out
+
+
+def leaves(tree, prefix: str = "") -> dict:
+    """Dotted keys -> values of a nested dict (lists compared whole)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(peer: dict, fedmeta: dict) -> list[str]:
+    """Dotted keys of the shared sections whose values differ (a key on one side only counts)."""
+    fm = leaves({k: fedmeta.get(k) for k in peer if k != "runtime"})
+    fm.update(leaves({"runtime": {k: (fedmeta.get("runtime") or {}).get(k)
+                                  for k in SHARED_RUNTIME}}))
+    pe, missing = leaves(peer), object()
+    return sorted(k for k in set(pe) | set(fm) if pe.get(k, missing) != fm.get(k, missing))

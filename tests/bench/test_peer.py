@@ -9,7 +9,7 @@ import pytest
 
 from bench import p5_peer
 from bench.peer import install
-from bench.peer.workload import WorkloadError, check_mirrorable, compose
+from bench.peer.workload import WorkloadError, check_mirrorable, compose, config_differences
 
 
 def test_overrides_are_the_same_workload_for_both_privacy_modes():
@@ -123,3 +123,20 @@ def test_requirements_pin_torch_first_to_fedmeta_s_build():
     first, rest = install.requirements()
     assert len(first) == 1 and first[0].startswith("torch==")
     assert install.PEER in rest and any(r.startswith("transformers==") for r in rest)
+
+
+def test_config_differences_name_the_dotted_keys():
+    peer = {"seed": 0, "privacy": {"local": {"enabled": False}},
+            "runtime": {"rounds": 3, "fraction_train": 1.0, "eval_every": 0}}
+    same = {"seed": 0, "privacy": {"local": {"enabled": False}},
+            "runtime": {"rounds": 3, "fraction_train": 1.0, "eval_every": 0, "plots": False}}
+    assert config_differences(peer, same) == []
+    other = {"seed": 0, "privacy": {"local": {"enabled": False, "population": None}},
+             "runtime": {"rounds": 3, "fraction_train": 1.0, "eval_every": 2}}
+    assert config_differences(peer, other) == ["privacy.local.population", "runtime.eval_every"]
+
+
+def test_an_eval_schedule_the_peer_does_not_follow_is_refused():
+    cfg = compose(["runtime=inprocess", *p5_peer.overrides(True, "none"), "runtime.eval_every=2"])
+    with pytest.raises(WorkloadError, match="eval_every"):
+        check_mirrorable(cfg)
