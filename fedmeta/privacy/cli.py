@@ -231,7 +231,8 @@ def plan_table(q: PlanQuery, result: dict, central: bool, verify: bool,
 def plan_delta(args) -> float:
     """--delta as given (within the 1/(10 N) policy when --users is known), else 1/(10 N)."""
     if args.delta is None and args.users is None:
-        raise ValueError("delta: give --delta, or --users N for the default 1/(10 N)")
+        raise ValueError("delta is required: give --delta, or --users N for the default "
+                         "1/(10 N)")
     if args.delta is None:
         return default_delta(args.users)
     if args.users is not None:
