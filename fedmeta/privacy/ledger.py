@@ -43,6 +43,19 @@ class LedgerError(RuntimeError):
     """The node's privacy state cannot be trusted; the node refuses to train."""
 
 
+def declared_population(n_users: int) -> int:
+    """The population a launcher declares for a node holding ``n_users``: the next value of the
+    1-2-5 series (1, 2, 5, 10, 20, 50, ...) at or above it. Adding or removing one user changes
+    it only when the count crosses a series value, and a declared population above the real
+    count only lowers the sampling rate (the accounting holds for any declared value)."""
+    value = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * value >= n_users:
+                return m * value
+        value *= 10
+
+
 def default_delta(n_users: int) -> float:
     """delta = 1 / (10 n) for the node's own n: the probability of a total failure of the
     guarantee must be far below the chance of picking any one of its n users."""
@@ -74,13 +87,14 @@ def make_plan(dp: LocalDPConfig, n_users: int, users_per_step: int, planned_step
     (``privacy.local.population``), a public setting of the node, so nothing the node
     releases is a function of how many users its silo really holds; without a declaration
     they fall back to ``n_users`` (logged: the replies then reveal that count)."""
-    population = dp.population if dp.population is not None else n_users
-    if population < 1:
+    if n_users < 1:
         raise LedgerError("local DP needs at least one training user")
     if dp.population is None:
-        log.warning("privacy.local.population is not declared: the sampling rate and delta "
-                    "follow this node's actual user count (%d), which its replies then reveal",
-                    n_users)
+        raise LedgerError("privacy.local.population: a DP node must declare its (public) number "
+                          "of training users; q, the default delta and the noise's divisor follow "
+                          "it, so that no released value is a function of the real count "
+                          f"(this node holds {n_users}; see declared_population())")
+    population = dp.population
     delta = dp.delta if dp.delta is not None else default_delta(population)
     q = min(1.0, users_per_step / population)
     if dp.noise_multiplier is not None:
@@ -126,7 +140,13 @@ class PrivacyLedger:
         resets, hwm_seq = 0, 0
         if exists:
             resets = cls._peek_resets(d) + 1
-            hwm_seq = cls._read_hwm(d)
+            try:
+                hwm_seq = cls._read_hwm(d)
+            except LedgerError as err:     # a reset must recover from a corrupt mark too
+                log.warning("%s; the reset continues from the ledger's own count", err)
+            # the sequence only ever grows, across resets as well: no copy from before the
+            # reset can pass for a newer one
+            hwm_seq = max(hwm_seq, cls._peek_seq(d), int(time.time()))
             log.warning("client %s: privacy budget RESET in %s by the operator: earlier releases "
                         "are no longer counted (reset #%d)", client_id, d, resets)
         acc = UserLevelAccountant(plan.mechanism, plan.delta, plan.target_epsilon)
@@ -140,6 +160,13 @@ class PrivacyLedger:
         try:
             return int(json.loads((d / LEDGER).read_text()).get("resets", 0))
         except (OSError, ValueError, AttributeError):
+            return 0
+
+    @staticmethod
+    def _peek_seq(d: Path) -> int:
+        try:
+            return int(json.loads((d / LEDGER).read_text()).get("seq", 0))
+        except (OSError, ValueError, AttributeError, TypeError):
             return 0
 
     @staticmethod

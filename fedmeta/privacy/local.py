@@ -112,9 +112,18 @@ class PrivateStep(Step):
             raise RuntimeError(f"per-user directions for {wrong[:3]} have shape "
                                f"{tuple(per_user[wrong[0]].shape[1:])}, expected "
                                f"{tuple(shapes[wrong[0]])}")
+        # a user whose direction is not finite everywhere contributes zero: NaN/Inf would pass
+        # through clipping into the release, an un-noised signal about who was sampled
+        finite = None
+        for name in shapes:
+            ok = torch.isfinite(per_user[name].reshape(per_user[name].shape[0], -1)).all(1)
+            finite = ok if finite is None else finite & ok
         opt = self._dp_optimizer(shapes, like)
         for name, slot in self._slots.items():
-            slot.grad_sample = per_user[name].detach().to(slot.dtype)
+            g = per_user[name].detach().to(slot.dtype)
+            if finite is not None and not bool(finite.all()):
+                g = torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+            slot.grad_sample = g
         scale = opt.expected_batch_size * opt.accumulated_iterations   # what scale_grad divides by
         opt.pre_step()
         out = {name: slot.grad.detach().clone() for name, slot in self._slots.items()}

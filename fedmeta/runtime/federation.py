@@ -17,6 +17,7 @@ from fedmeta.data.partition import ClientPartition, partition_domain
 from fedmeta.data.schema import DataError, InteractionData, filter_min_interactions, validate
 from fedmeta.data.silo import Silo, make_silos, write_silos
 from fedmeta.model.recommender import build_model, meta_parameters
+from fedmeta.privacy.ledger import declared_population
 from fedmeta.runtime.node import NodeConfig, build_tasks, init_budget, node_configs
 from fedmeta.runtime.node import experiment_view as nc_view
 
@@ -111,10 +112,12 @@ def prepare_nodes(cfg: ExperimentConfig, silos: list[Silo], silo_root: str | Pat
         write_silos(silos, silo_root)
     configs = node_configs(cfg, [s.client_id for s in silos], silo_root, state_root)
     if cfg.privacy.local.enabled and cfg.privacy.local.population is None:
-        # the engine plays every node's operator: it declares each silo's training-user count
-        # once, in the node's own file, so nodes never derive released values from their data
+        # the engine plays every node's operator: it declares each silo's population once, in
+        # the node's own file (rounded up on the 1-2-5 series), so nodes never derive released
+        # values from their data
         for nc, silo in zip(configs, silos):
-            nc.privacy.population = max(1, len(build_tasks(nc_view(nc), silo).train))
+            nc.privacy.population = declared_population(
+                max(1, len(build_tasks(nc_view(nc), silo).train)))
     if fresh and cfg.privacy.local.enabled:
         for nc, silo in zip(configs, silos):
             init_budget(nc, silo, reset=Path(nc.state_dir).exists())

