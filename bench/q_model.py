@@ -121,9 +121,11 @@ def run(setup: Setup, seed: int, model_opts: dict, algo_opts: dict) -> dict:
     for i, c in enumerate(clients):
         rows += evaluate_client(algorithm, params, c, algo_cfg.eval_steps, seed + i,
                                 torch.device("cpu"), phases=("after",))
+    scale = params.get("logit_scale.log.weight")
     return {"seed": seed, "model": _weighted(rows), "popularity": _weighted(popularity_rows(clients, seed)),
             "first_query_loss": first_loss, "train_s": round(train_s, 1),
-            "total_s": round(time.time() - t0, 1)}
+            "total_s": round(time.time() - t0, 1),
+            "logit_scale": None if scale is None else round(float(scale.exp()), 4)}
 
 
 def _parse_sets(pairs: list[str]) -> tuple[dict, dict]:
