@@ -15,6 +15,7 @@ apart from the per-round ones.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -62,6 +63,7 @@ def measure(quick: bool, echo=print) -> dict:
                  + (node["error"] if "error" in node else
                     f"tasks {node['tasks_s']:.0f}s, rounds " + " ".join(
                         f"{c['round_s'][0]:.1f}" for c in node["combos"])))
+    echo("P4 raw: " + json.dumps(res))
     return res
 
 
@@ -130,6 +132,17 @@ def grown_functions(res: dict, algo: str, dp: bool, top: int = 5, floor_s: float
     return rows[:top]
 
 
+def profile_rows(res: dict, top: int = 3) -> list[list]:
+    """Per combination, the profiled round's functions whose own time grew most with n."""
+    rows = []
+    for (algo, dp), by_n in combo_index(res).items():
+        if len(by_n) < 2:
+            continue
+        for f, a, b in grown_functions(res, algo, dp, top=top):
+            rows.append([algo, _label(dp), f"`{f}`", a, b])
+    return rows
+
+
 def verdicts(res: dict) -> list[str]:
     out = []
     for algo, dp, n0, n1, ratio in growth(res):
@@ -175,6 +188,12 @@ def run(quick: bool, echo=print) -> str:
                "node build s"], round_rows(res)),
         "",
         *[f"- {v}" for v in verdicts(res)],
+        "",
+        f"Profiled round (cProfile, own time): the functions whose time grew most from "
+        f"{sizes[0]:,} to {sizes[-1]:,} users, per combination:" if len(sizes) > 1 else "",
+        "",
+        table(["algorithm", "privacy", "function", f"s at {sizes[0]:,}", f"s at {sizes[-1]:,}"],
+              profile_rows(res)) if len(sizes) > 1 else "",
     ]
     return "\n".join(lines)
 

@@ -160,6 +160,7 @@ def node_cell(spec: dict) -> dict:
     rows = node.evaluate(params, 1, nc.run)
     _mark(phases, "eval", t0)
     return {"phases": phases, "client": nc.client_id, "train_users": len(tasks.train),
+            "silo_users": len(tasks.partition.users),
             "cold_users": len(tasks.partition.cold_users), "interactions": n_inter,
             "silo_frames_mb": silo_mb, "task_tensors_mb": task_mb, "model_mb": model_mb,
             "eval_rows": len(rows), "steps": nc.run["algorithm"]["local_steps"],
@@ -312,10 +313,11 @@ def node_rows(res: dict) -> list[list]:
         for key, label in MODES:
             r = fed.get(key, fed["partition"])
             if "error" in r:
-                rows.append([n, label, f"failed: {r['error']}"] + [""] * 6)
+                rows.append([n, label, f"failed: {r['error']}"] + [""] * 7)
                 continue
             ph = r["phases"]
-            rows.append([n, label, r["train_users"] + r["cold_users"], ph["imports"]["rss_mb"],
+            rows.append([n, label, r.get("silo_users", r["train_users"] + r["cold_users"]),
+                         r["train_users"], ph["imports"]["rss_mb"],
                          ph["node"]["rss_mb"], ph["train"]["hwm_mb"], ph["eval"]["hwm_mb"],
                          ph["train"]["s"] - ph["node"]["s"], ph["eval"]["s"] - ph["train"]["s"]])
     return rows
@@ -407,7 +409,8 @@ def run(quick: bool, echo=print) -> str:
         "",
         "```", "fedmeta-bench --only P6", "```",
         "",
-        table(["silos", "privacy", "silo users", "RSS after imports MB", "RSS after load MB",
+        table(["silos", "privacy", "silo users", "training users", "RSS after imports MB",
+               "RSS after load MB",
                "peak RSS after round MB", "peak RSS after eval MB", "round s", "eval s"],
               node_rows(res)),
         "",
@@ -428,7 +431,8 @@ def run(quick: bool, echo=print) -> str:
         "`fedmeta-partition` itself (all silos in one process, once). *whole federation + "
         "node*: `build_silos` of the whole federation, then node 0 built from it, one round "
         "and one evaluation (same code as above; the stand-in for the old design). *own silo "
-        "only*: the node process of the first table. *old design*: commit {OLD_COMMIT}'s SuperNode path run on its own "
+        "only*: the node process of the first table. *old design*: "
+        f"commit {OLD_COMMIT}'s SuperNode path run on its own "
         "code (`git archive`): `build_federation` of the whole federation from config, then "
         "one client's round and evaluation; its training step is that commit's, so compare "
         "its peak after build, not its round.",

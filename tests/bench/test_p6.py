@@ -63,16 +63,17 @@ def test_node_rows_in_silo_order_with_phase_differences():
     rows = node_rows(_res({32: 800.0, 2: 790.0}))
     assert [r[:2] for r in rows] == [[2, "none"], [2, "local"], [32, "none"], [32, "local"]]
     first = rows[0]
-    assert first[2] == 500 and first[3] == 470 and first[4] == 510
-    assert first[5] == 790.0 and first[6] == 795.0
-    assert first[7] == pytest.approx(4) and first[8] == pytest.approx(1)
+    assert first[2] == 500 and first[3] == 400        # no silo_users: training + cold
+    assert first[4] == 470 and first[5] == 510
+    assert first[6] == 790.0 and first[7] == 795.0
+    assert first[8] == pytest.approx(4) and first[9] == pytest.approx(1)
 
 
 def test_failed_cell_is_a_row_not_an_exception():
     res = _res({2: 790.0})
     res["fed"]["2"]["plain"] = {"error": "timeout after 900s"}
     rows = node_rows(res)
-    assert "timeout" in rows[0][2] and len(rows[0]) == 9
+    assert "timeout" in rows[0][2] and len(rows[0]) == 10
     assert [r[1] for r in breakdown_rows(res)] == ["local"]
 
 
@@ -174,9 +175,15 @@ def test_p4_verdicts_flag_growth_and_name_the_function():
     assert fns[0][0] == "tasks.py:1(sample)" and fns[0][2] > fns[0][1]
 
 
+def test_p4_profile_rows_per_combination():
+    rows = p4_scale.profile_rows(_p4({1000: 1.0, 100_000: 5.0}), top=1)
+    assert rows == [["fedavg", "none", "`tasks.py:1(sample)`", 0.5, 250.0],
+                    ["fedavg", "local", "`tasks.py:1(sample)`", 0.5, 250.0]]
+
+
 def test_p4_run_builds_a_section(monkeypatch):
     monkeypatch.setattr(p4_scale, "measure", lambda quick, echo=print: _p4({1000: 1.0,
                                                                             10_000: 1.0}))
     text = p4_scale.run(False, echo=lambda s: None)
     assert text.startswith("## P4 Silo scale") and "fedmeta-bench --only P4" in text
-    assert text.count("| fedavg | local |") == 2
+    assert text.count("| fedavg | local |") == 2 + 2      # round table, profile table
