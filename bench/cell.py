@@ -139,12 +139,13 @@ def silo_round_cell(spec: dict) -> dict:
     import gc
     import pstats
 
+    import fedmeta.runtime.federation as fed_mod
     import fedmeta.runtime.node as node_mod
     from fedmeta.config import to_dict
     from fedmeta.data.silo import read_silo
     from fedmeta.data.tasks import TaskTensors
-    from fedmeta.runtime.federation import initial_parameters
-    from fedmeta.runtime.node import Node, init_budget, node_configs
+    from fedmeta.runtime.federation import initial_parameters, prepare_nodes
+    from fedmeta.runtime.node import Node, node_configs
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -161,7 +162,7 @@ def silo_round_cell(spec: dict) -> dict:
             built.append(time.perf_counter() - t)
         return cache[key]
 
-    node_mod.build_tasks = tasks_once
+    node_mod.build_tasks = fed_mod.build_tasks = tasks_once
     base = spec["overrides"]
     state = Path(tempfile.mkdtemp(prefix="fedmeta-bench-state-"))
     # the node's own view of the config (what Node passes to build_tasks), so the cache hits
@@ -179,11 +180,10 @@ def silo_round_cell(spec: dict) -> dict:
 
     for algo, dp in spec["combos"]:
         cfg = _compose([*base, f"algorithm={algo}", f"privacy={'local' if dp else 'none'}"])
-        nc = node_configs(cfg, [silo.client_id], Path(spec["silo_dir"]).parent,
-                          state / f"{algo}-{int(dp)}")[0]
         t = time.perf_counter()
-        if dp:
-            init_budget(nc, silo)
+        # the engine's start-up: a DP node's declared population, then its budget
+        nc = prepare_nodes(cfg, [silo], Path(spec["silo_dir"]).parent, state / f"{algo}-{int(dp)}",
+                           fresh=True, write=False)[0]
         budget_s = time.perf_counter() - t
         node = Node(nc, silo)
         node_s = time.perf_counter() - t - budget_s
@@ -212,6 +212,7 @@ def silo_round_cell(spec: dict) -> dict:
         top = sorted(((f"{Path(f).name}:{line}({fn})", tt) for (f, line, fn), (_, _, tt, _, _)
                       in stats.items()), key=lambda kv: -kv[1])[:40]
         out["combos"].append({"algorithm": algo, "dp": dp, "budget_s": budget_s,
+                              "population": nc.privacy.population,
                               "node_s": node_s, "round_s": times, "sampled": users,
                               "round_peak_mb": max_rss_mb() - rss0, "rss_before_mb": rss0,
                               "profile": dict(top), "steps": cfg.algorithm.local_steps})

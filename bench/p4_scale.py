@@ -1,8 +1,8 @@
 """P4: one node's client-round against the size of its silo, at a fixed number of sampled users.
 
-A DP step samples each user with probability q, so q*n users on average; with q*n held
-fixed (``algorithm.users_per_step``: the expected batch under DP, the batch without) the
-work of a step is the same on every silo, and a round's cost should not grow with the
+A DP step samples each user with probability q = users_per_step / (declared population),
+so about q*n users; with ``algorithm.users_per_step`` held fixed (the batch without DP) the
+work of a step is about the same on every silo, and a round's cost should not grow with the
 silo's size n. Anything that does is O(n) per step (or per round) and shows in the profile.
 
 Per silo size, two fresh processes (``bench.cell``): ``silo_build`` generates the synthetic
@@ -100,7 +100,8 @@ def round_rows(res: dict) -> list[list]:
     for (algo, dp), by_n in combo_index(res).items():
         for n, c in sorted(by_n.items()):
             t, users = c["round_s"][0], c["sampled"][0]
-            rows.append([n, algo, _label(dp), users, t, users / t if t > 0 else float("nan"),
+            rows.append([n, algo, _label(dp), c.get("population") if dp else "-", users, t,
+                         users / t if t > 0 else float("nan"),
                          t / max(users, 1) * 1000, c["round_peak_mb"],
                          c["budget_s"] if dp else 0.0,
                          c["node_s"]])
@@ -166,9 +167,11 @@ def run(quick: bool, echo=print) -> str:
         "",
         f"One e-commerce silo of {', '.join(f'{n:,}' for n in sizes)} synthetic users (the "
         "generator at that size; 20 % of them cold-start users, who do not train), one node on "
-        f"it: {LOCAL_STEPS if not quick else 1} local steps of q*n = {USERS_PER_STEP} sampled "
-        "users (`algorithm.users_per_step`, the same on every silo: a DP step samples each "
-        f"user with q = {USERS_PER_STEP}/n), tiny model, one thread, no evaluation. Data build "
+        f"it: {LOCAL_STEPS if not quick else 1} local steps of {USERS_PER_STEP} sampled users "
+        "(`algorithm.users_per_step`, the same on every silo; a DP step samples each user with "
+        f"q = {USERS_PER_STEP}/population, the population the engine declares for the node: the "
+        "1-2-5 value at or above its training users, so about 25 users a step here), tiny "
+        "model, one thread, no evaluation. Data build "
         "and node processes are fresh per silo size; round figures are the node's first round "
         "(timed; a second, profiled round follows), peak RSS is the rise of VmHWM over the RSS "
         "before the rounds (VmHWM reset), the node's own peak while loading is in the first table.",
@@ -183,7 +186,8 @@ def run(quick: bool, echo=print) -> str:
         "",
         "Per round:",
         "",
-        table(["silo users", "algorithm", "privacy", "sampled users", "round s", "users/s",
+        table(["silo users", "algorithm", "privacy", "declared population", "sampled users",
+               "round s", "users/s",
                "ms per sampled user", "round peak above load MB", "budget s (one-off)",
                "node build s"], round_rows(res)),
         "",

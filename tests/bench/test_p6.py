@@ -150,7 +150,7 @@ def test_p4_rows_use_the_timed_round():
     rows = p4_scale.round_rows(_p4({1000: 1.0, 100_000: 1.0}))
     fedavg = [r for r in rows if r[1] == "fedavg" and r[2] == "none"]
     assert [r[0] for r in fedavg] == [1000, 100_000]
-    assert fedavg[0][3:7] == [64, 1.0, 64.0, 1000 / 64]
+    assert fedavg[0][3:8] == ["-", 64, 1.0, 64.0, 1000 / 64]
     data = p4_scale.data_rows(_p4({1000: 1.0}))
     assert data[0][:7] == [1000, 1000, 800, 30000, 1.0, 0.75, 600.0]
 
