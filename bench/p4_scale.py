@@ -28,7 +28,7 @@ ALGORITHMS = ("fedavg", "reptile", "fomaml")
 USERS_PER_STEP = 32       # q * n: the expected sampled users per step, fixed across n
 LOCAL_STEPS = 2
 GROWTH = 1.3              # a per-round cost this much higher on the largest silo "grows"
-TIMEOUT = {"build": 1200.0, "round": 2400.0}
+TIMEOUT = {"build": 1200.0, "round": 2400.0, "federation": 2400.0}
 
 
 def overrides(users: int, quick: bool = False) -> list[str]:
@@ -42,6 +42,27 @@ def overrides(users: int, quick: bool = False) -> list[str]:
 
 def combos() -> list[list]:
     return [[a, dp] for a in ALGORITHMS for dp in (False, True)]
+
+
+def federation_overrides(kind: str, quick: bool = False) -> list[str]:
+    """The default federation (synthetic data, FOMAML, tiny model) scaled to many clients, in
+    the in-process runtime: ``iid100`` = 50 IID clients per domain on the default 800 users
+    per domain (16 each); ``user1000`` = cross-device, one user per client (scheme ``user``)
+    on 625 users per domain, of which the 20 % cold-start share become new clients, leaving
+    1,000 training clients. No DP (a one-user client has no user-level DP to speak of), one
+    local step of up to 8 users, 2 rounds, evaluation in the last (one user per population)."""
+    users, clients = {"iid100": (800, "scheme:iid,n_clients:50,new_clients:1"),
+                      "user1000": (625, "scheme:user,n_clients:1,new_clients:0")}[kind]
+    if quick:
+        users = 40 if kind == "user1000" else 160
+    spec = ",".join(f"{{domain:{d},{clients}}}" for d in ("ecommerce", "social"))
+    return [f"data.synthetic.ecommerce_users={users}", f"data.synthetic.social_users={users}",
+            f"data.clients=[{spec}]", "privacy=none", "algorithm.local_steps=1",
+            "algorithm.users_per_step=8", "data.max_eval_users=1", "runtime.rounds=2",
+            "runtime.eval_every=0"]
+
+
+FEDERATIONS = ("iid100", "user1000")
 
 
 def measure(quick: bool, echo=print) -> dict:
@@ -63,8 +84,16 @@ def measure(quick: bool, echo=print) -> dict:
                  + (node["error"] if "error" in node else
                     f"tasks {node['tasks_s']:.0f}s, rounds " + " ".join(
                         f"{c['round_s'][0]:.1f}" for c in node["combos"])))
-    echo("P4 raw: " + json.dumps(res))
-    return res
+    feds = {}
+    for kind in FEDERATIONS:
+        feds[kind] = run_cell("federation", {"overrides": federation_overrides(kind, quick)},
+                              TIMEOUT["federation"])
+        r = feds[kind]
+        echo(f"P4 federation {kind}: " + (r["error"] if "error" in r else
+             f"{r['clients']} clients, build {r['build_s']:.0f}s, rounds "
+             + " ".join(f"{t:.0f}s" for t in r["round_s"]) + f", peak {r['peak_rss_mb']:.0f} MB"))
+    echo("P4 raw: " + json.dumps({"silos": res, "federations": feds}))
+    return {"silos": res, "federations": feds}
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -159,8 +188,22 @@ def verdicts(res: dict) -> list[str]:
     return out
 
 
+def federation_rows(feds: dict) -> list[list]:
+    rows = []
+    for kind, r in feds.items():
+        if "error" in r:
+            rows.append([kind, f"failed: {r['error']}"] + [""] * 7)
+            continue
+        train = r["round_s"][0] if r["round_s"] else float("nan")
+        last = r["round_s"][-1] if r["round_s"] else float("nan")
+        rows.append([kind, r["clients"], r["training_clients"], r["users_per_client"],
+                     r["build_s"], train, last, r["rss_built_mb"], r["peak_rss_mb"]])
+    return rows
+
+
 def run(quick: bool, echo=print) -> str:
-    res = measure(quick, echo)
+    both = measure(quick, echo)
+    res, feds = both["silos"], both["federations"]
     sizes = sorted(res)
     lines = [
         "## P4 Silo scale",
@@ -198,6 +241,17 @@ def run(quick: bool, echo=print) -> str:
         "",
         table(["algorithm", "privacy", "function", f"s at {sizes[0]:,}", f"s at {sizes[-1]:,}"],
               profile_rows(res)) if len(sizes) > 1 else "",
+        "",
+        "Many clients, in-process (`fedmeta-simulate runtime=inprocess` with the overrides "
+        "below; one process holds the round driver and every node, so its RSS is the driver's "
+        "memory). *iid100*: "
+        f"`{' '.join(federation_overrides('iid100', quick))}`; *user1000*: "
+        f"`{' '.join(federation_overrides('user1000', quick))}`. Round 1 trains every training "
+        "client; round 2 trains them again and evaluates every client.",
+        "",
+        table(["federation", "clients", "training clients", "median users per client",
+               "build s", "training round s", "round with eval s", "RSS built MB",
+               "peak RSS MB"], federation_rows(feds)),
     ]
     return "\n".join(lines)
 

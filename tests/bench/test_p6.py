@@ -181,9 +181,24 @@ def test_p4_profile_rows_per_combination():
                     ["fedavg", "local", "`tasks.py:1(sample)`", 0.5, 250.0]]
 
 
+def test_p4_federation_overrides_and_rows():
+    iid = p4_scale.federation_overrides("iid100")
+    assert sum(o.count("n_clients:50") for o in iid) == 2 and "privacy=none" in iid
+    one = " ".join(p4_scale.federation_overrides("user1000"))
+    assert one.count("scheme:user") == 2 and "ecommerce_users=625" in one
+    rows = p4_scale.federation_rows({
+        "iid100": {"clients": 100, "training_clients": 98, "users_per_client": 16,
+                   "build_s": 30.0, "round_s": [10.0, 25.0], "rss_built_mb": 900.0,
+                   "peak_rss_mb": 1000.0},
+        "user1000": {"error": "timeout after 2400s"}})
+    assert rows[0] == ["iid100", 100, 98, 16, 30.0, 10.0, 25.0, 900.0, 1000.0]
+    assert rows[1][1].startswith("failed") and len(rows[1]) == 9
+
+
 def test_p4_run_builds_a_section(monkeypatch):
-    monkeypatch.setattr(p4_scale, "measure", lambda quick, echo=print: _p4({1000: 1.0,
-                                                                            10_000: 1.0}))
+    feds = {"iid100": {"error": "not run"}}
+    monkeypatch.setattr(p4_scale, "measure", lambda quick, echo=print: {
+        "silos": _p4({1000: 1.0, 10_000: 1.0}), "federations": feds})
     text = p4_scale.run(False, echo=lambda s: None)
     assert text.startswith("## P4 Silo scale") and "fedmeta-bench --only P4" in text
     assert text.count("| fedavg | local |") == 2 + 2      # round table, profile table
