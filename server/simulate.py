@@ -154,6 +154,10 @@ def _job(raw) -> None:
         _fail(err)
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
+    if cfg.runtime.verbose:
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.INFO)
     try:
         if cfg.runtime.kind == "inprocess":
             import torch

@@ -5,8 +5,9 @@ the composition of *all* of them, across every round and every process restart. 
 accountant therefore stores nothing but the composable history ``[(sigma, q, steps), ...]``
 (Opacus's own history format, consecutive identical entries merged) plus delta, the
 mechanism and the target, all as plain JSON-able values. Epsilon is always recomputed from
-that history by an Opacus accountant, so a restored accountant reports exactly what an
-uninterrupted one would.
+that history by both Opacus and dp_accounting and the larger figure is used
+(:func:`conservative_epsilon`), so a restored accountant reports exactly what an
+uninterrupted one would, and no budget check rests on the tighter of two analyses.
 
 The accountant refuses to overspend: with a target set, :meth:`UserLevelAccountant.step`
 raises *before* recording a step that would push epsilon past the target, so the caller
@@ -174,6 +175,16 @@ def independent_epsilon(history: Sequence[Sequence[float]], delta: float,
     return float(acc.get_epsilon(delta))
 
 
+def conservative_epsilon(history: Sequence[Sequence[float]], delta: float,
+                         mechanism: str = "rdp") -> float:
+    """The larger of Opacus's and dp_accounting's epsilon for the same history: what every
+    budget check and every report uses, so no figure rests on the tighter of two analyses."""
+    ours = history_epsilon(history, delta, mechanism)
+    if math.isinf(ours) or not history:
+        return ours
+    return max(ours, max(0.0, independent_epsilon(history, delta, mechanism)))
+
+
 def agrees(ours: float, independent: float, mechanism: str = "rdp") -> bool:
     """Whether our epsilon and the independent one match within the documented tolerance."""
     check_mechanism(mechanism)
@@ -215,7 +226,7 @@ class UserLevelAccountant:
         if key not in self._memo:
             if len(self._memo) >= 16:
                 self._memo.clear()
-            self._memo[key] = history_epsilon(history, self.delta, self.mechanism)
+            self._memo[key] = conservative_epsilon(history, self.delta, self.mechanism)
         return self._memo[key]
 
     def _within_approved(self, history: list[Entry]) -> bool:

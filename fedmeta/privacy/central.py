@@ -26,7 +26,7 @@ import math
 import torch
 
 from fedmeta.config import CentralDPConfig
-from fedmeta.privacy.accounting import history_epsilon
+from fedmeta.privacy.accounting import conservative_epsilon
 from fedmeta.privacy.randomness import torch_generator
 
 Params = dict[str, torch.Tensor]
@@ -76,7 +76,7 @@ class CentralDP:
             return 0.0
         if self.dp.noise_multiplier <= 0:
             return math.inf
-        return history_epsilon([(self.dp.noise_multiplier, 1.0, releases)], self.dp.delta)
+        return conservative_epsilon([(self.dp.noise_multiplier, 1.0, releases)], self.dp.delta)
 
     @property
     def epsilon(self) -> float:

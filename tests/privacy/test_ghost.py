@@ -113,7 +113,8 @@ def test_model_is_clean_and_usable_afterwards():
 
 def test_failed_pass_leaves_no_stale_state():
     model, params, algo, batch = _setup()
-    bad = {**batch, "neg": batch["neg"][:, :3]}       # fails in the loss, after the hooked forward
+    key = "neg" if "neg" in batch else "targets"       # sampled or full-catalogue batch
+    bad = {**batch, key: batch[key][:, :3]}            # fails in the loss, after the hooked forward
     with pytest.raises(RuntimeError):
         _ghost(algo, params, bad, 0.05)
     assert not any(hasattr(m, "activations") or hasattr(m, "max_batch_len") for m in model.modules())
