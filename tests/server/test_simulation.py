@@ -120,3 +120,46 @@ def test_ctrl_c_during_round_one_stops_everything(tmp_path):
     assert not left, [(p.pid, p.name()) for p in left]
     assert took < 30, took
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_simulation_on_an_existing_ray_cluster_on_loopback(tmp_path):
+    """``runtime.ray_address`` runs the virtual SuperNodes on a Ray head the user started
+    (here on 127.0.0.1 only). Node files reach the cluster's workers through the environment
+    of ``ray start``, as any per-worker setting does."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "FEDMETA_TEST_MARKER": marker,
+           "FEDMETA_NODES_DIR": str(run / "node-configs")}
+    env.pop("RAY_ADDRESS", None)
+    ray = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                             "--block"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        res = subprocess.run([str(EXE), *TINY, f"runtime.ray_address=127.0.0.1:{port}",
+                              f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=900,
+                             cwd=tmp_path, env={**os.environ, "FEDMETA_TEST_MARKER": marker})
+        alive = head.poll() is None
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
+        for proc in _leftovers(marker):
+            proc.kill()
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and str(port) in current.read_text():
+            current.unlink()
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    assert alive                            # the run used the head and left it running
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["failures_total"] == 0 and len(summary["client_epsilon"]) == 4
