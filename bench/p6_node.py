@@ -167,7 +167,49 @@ def node_cell(spec: dict) -> dict:
             "dp_steps": update.metrics.get("dp_steps")}
 
 
-CELLS = {"baseline": baseline_cell, "partition": partition_cell, "whole": whole_cell,
+def step_cell(spec: dict) -> dict:
+    """One local step of the node's algorithm on its first ``users_per_step`` users, as
+    ``client_update`` takes it (no DP): its own peak (VmHWM reset first) and the operators
+    that allocate the most under the torch profiler, to say where a round's memory goes."""
+    import gc
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.cell import reset_peak_rss, trim_heap
+    from fedmeta.algorithms.objective import Objective
+    from fedmeta.config import MODEL_SIZES
+    from fedmeta.runtime.federation import initial_parameters
+    from fedmeta.runtime.node import Node, NodeConfig
+
+    torch.set_num_threads(1)
+    nc = NodeConfig.load(spec["node_file"])
+    nc.privacy = dataclasses.replace(nc.privacy, enabled=False)
+    node = Node(nc)
+    cfg, tasks = node.cfg, node.tasks
+    params = initial_parameters(cfg)
+    users = min(cfg.algorithm.users_per_step, len(tasks.train))
+    batch = Objective.batch(tasks.train.subset(torch.arange(users)), tasks.catalog,
+                            cfg.algorithm.negatives, torch.Generator().manual_seed(0), node.device)
+    gc.collect()
+    trim_heap()
+    reset_peak_rss()
+    before = current_rss_mb()
+    node.algorithm.mean_update(params, batch)
+    peak = max_rss_mb() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        node.algorithm.mean_update(params, batch)
+    ops = sorted(((e.key, e.self_cpu_memory_usage / 2**20, e.count) for e in prof.key_averages()),
+                 key=lambda r: -r[1])[:5]
+    hidden = MODEL_SIZES[cfg.model.size][0]
+    cand = tuple(batch["cand"].shape)
+    return {"algorithm": cfg.algorithm.name, "users": users, "cand_shape": list(cand),
+            "step_peak_mb": peak, "top_ops": ops, "hidden": hidden,
+            # the item-token embeddings of every candidate of every user, float32
+            "cand_embeddings_mb": cand[0] * cand[1] * cand[2] * hidden * 4 / 2**20}
+
+
+CELLS = {"baseline": baseline_cell, "step": step_cell, "partition": partition_cell, "whole": whole_cell,
          "node": node_cell}
 
 
@@ -278,6 +320,8 @@ def measure(quick: bool, echo=print, old: bool = True) -> dict:
                 for dp in (False, True):
                     fed["dp" if dp else "plain"] = cell("node", {"node_file": node_file, "dp": dp})
                 fed["whole"] = cell("whole", {"overrides": ovr, "node_file": node_file})
+                if n == silos[0]:
+                    res["step"] = cell("step", {"node_file": node_file})
                 if old:
                     fed["old"] = old_design(ovr, 900)
             res["fed"][n] = fed
@@ -389,6 +433,23 @@ def verdicts(res: dict) -> list[str]:
     return out
 
 
+def step_text(res: dict) -> str:
+    """Where a round's memory goes: one step's own peak and its largest allocators."""
+    st = res.get("step")
+    if not st or "error" in st:
+        return f"One-step memory profile: {st.get('error') if st else 'not run'}."
+    ops = "; ".join(f"`{name}` {mb:.0f} MB in {count} calls" for name, mb, count in st["top_ops"])
+    b, c, w = st["cand_shape"]
+    return (f"One {st['algorithm']} step of {st['users']} users (no DP, node 0 of the smallest "
+            f"federation): its own peak is {st['step_peak_mb']:.0f} MB above the loaded node. "
+            f"The full-catalogue loss gives every user the whole catalogue as candidates "
+            f"(`cand` {b} x {c} items x {w} tokens, an expanded view), and the item encoder "
+            f"embeds it per user: {st['cand_embeddings_mb']:.0f} MB of float32 token embeddings "
+            f"per forward pass (x {st['hidden']} dims), once per inner step and once more for "
+            f"the outer loss. Largest allocators under the torch profiler (memory allocated "
+            f"over the step, not live at once): {ops}.")
+
+
 def run(quick: bool, echo=print) -> str:
     res = measure(quick, echo)
     base = [[label, _get(r, "rss_mb", default=r.get("error", "failed"))]
@@ -422,6 +483,8 @@ def run(quick: bool, echo=print) -> str:
         table(["silos", "privacy", "imports MB", "budget (DP) MB", "silo + node build MB",
                "silo frames MB", "task tensors MB", "model MB", "round above load MB",
                "eval above round MB"], breakdown_rows(res)),
+        "",
+        step_text(res),
         "",
         "Import baseline, each in an empty interpreter:",
         "",
