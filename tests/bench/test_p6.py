@@ -202,3 +202,13 @@ def test_p4_run_builds_a_section(monkeypatch):
     text = p4_scale.run(False, echo=lambda s: None)
     assert text.startswith("## P4 Silo scale") and "fedmeta-bench --only P4" in text
     assert text.count("| fedavg | local |") == 2 + 2      # round table, profile table
+
+
+def test_step_text_names_the_catalogue_and_allocators():
+    res = _res({2: 790.0})
+    assert "not run" in p6_node.step_text(res)
+    res["step"] = {"algorithm": "fomaml", "users": 32, "cand_shape": [32, 600, 12],
+                   "step_peak_mb": 300.0, "top_ops": [["aten::mul", 600.0, 300]], "hidden": 64,
+                   "cand_embeddings_mb": 56.25}
+    text = p6_node.step_text(res)
+    assert "32 x 600 items x 12 tokens" in text and "56 MB" in text and "`aten::mul`" in text
