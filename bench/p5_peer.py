@@ -244,8 +244,8 @@ def render(found: dict, s: dict) -> str:
         c = s[privacy]["checks"]
         if not c:
             continue
-        same = {None: "not logged by fedmeta, not checked", True: f"yes, all {c['clients']} clients",
-                False: "**NO**"}[c["sizes"]]
+        same = {None: "not logged by fedmeta, not checked",
+                True: f"yes, all {c['clients']} clients", False: "**NO**"}[c["sizes"]]
         text += [f"- Workload check, {label}: cohort {c['cohort']} clients, {c['params']} trained "
                  f"parameters; per-client training users, cold users and catalogue items equal to "
                  f"fedmeta's nodes: {same}; config "
