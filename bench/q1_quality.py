@@ -1,6 +1,6 @@
 """Q1: ranking quality of popularity and the four learners, with and without local DP.
 
-Reuses ``fedmeta.runtime.compare.compare`` (same data, partitions and evaluation users per
+Reuses ``fedmeta.tools.compare.compare`` (same data, partitions and evaluation users per
 seed). Runs are reduced in cost (stated in the section); cells that do not fit the time budget
 are reported as not run, never estimated.
 """
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.common import table
-from fedmeta.runtime.compare import METHODS, compare
+from fedmeta.tools.compare import METHODS, compare
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def run(quick: bool, echo=print, budget_s: float = 3000.0) -> str:
         "## Q1 Quality",
         "",
         f"After-adaptation NDCG@10 / HR@10 (full-catalogue ranking), mean ± std over seeds "
-        f"{seeds} (the `seeds` column says how many finished), via `fedmeta.runtime.compare` "
+        f"{seeds} (the `seeds` column says how many finished), via `fedmeta.tools.compare` "
         f"(two seeds side by side, one torch thread each). Reduced cost, otherwise the defaults: "
         + ("; ".join(f"{n}: `{' '.join(QUICK if quick else REDUCED[n])}`" for n, _ in datasets))
         + f" (the budgets of the README's comparison tables, whose no-DP rows these reproduce); "

@@ -27,12 +27,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmeta.runtime.node import Node, NodeConfig
-from server.wire import describe_reply, read_instruction, rows_reply, update_reply
+from wire import (NODE_KEY, NODES_DIR_ENV, describe_reply, read_instruction, rows_reply,
+                  update_reply)
 
 log = logging.getLogger(__name__)
 
-NODE_KEY = "fedmeta-node"           # node_config key: path of the node's JSON file
-NODES_DIR_ENV = "FEDMETA_NODES_DIR"  # simulation: where the engine wrote the node files
 CACHE_SIZE = 8                      # nodes kept per process (a Ray actor plays several)
 
 _nodes: "OrderedDict[str, Node]" = OrderedDict()

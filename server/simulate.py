@@ -88,9 +88,9 @@ def simulate(cfg: ExperimentConfig, out_dir: Path, resources: dict | None = None
     """Flower's current simulation path: a SuperLink with the simulation runtime that this
     process owns (so its environment reaches every Ray worker and nothing outlives the run),
     and ``flwr run`` of this app with one virtual SuperNode per node file."""
-    from clients.app import NODES_DIR_ENV
     from fedmeta.config import to_dict
     from server.deploy import REPO_ROOT, Deployment
+    from wire import NODES_DIR_ENV
 
     resources = resources or check_resources(cfg)
     silo_root, nodes_dir = prepare(cfg, out_dir)

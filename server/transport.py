@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fedmeta.algorithms.base import ClientUpdate
 from fedmeta.data.silo import ClientEntry
-from server.wire import (META, WireError, instruction, read_rows, read_update, record_nbytes,
+from wire import (META, WireError, instruction, read_rows, read_update, record_nbytes,
                          reply_client)
 
 log = logging.getLogger(__name__)

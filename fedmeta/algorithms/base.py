@@ -33,6 +33,10 @@ class ClientUpdate:
 class Step:
     """Turns per-user update directions into one step direction (the seam DP wraps)."""
 
+    #: whether the client measures its training loss: a private step's loss never leaves
+    #: the node, so it is not computed (an extra forward pass per step)
+    reports_loss = True
+
     def sample(self, n_users: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
         k = min(batch_size, n_users)
         return torch.randperm(n_users, generator=gen)[:k]
@@ -95,7 +99,7 @@ class Algorithm:
             idx = step.sample(len(tasks.train), self.cfg.users_per_step, gen)
             batch = Objective.batch(tasks.train.subset(idx), tasks.catalog, self.cfg.negatives,
                                     gen, device)
-            if len(idx):
+            if len(idx) and step.reports_loss:
                 with torch.no_grad():
                     detached = {k: v.detach() for k, v in local.items()}
                     losses.append(float(self.objective.batch_loss(detached, batch, "query").mean()))

@@ -40,6 +40,8 @@ class PrivateStep(Step):
     passes none, because its ledger charges the whole round before the first step.
     """
 
+    reports_loss = False     # nothing un-noised leaves a DP node: no loss is measured
+
     def __init__(self, dp: LocalDPConfig, n_users: int, sample_rate: float, noise_multiplier: float,
                  generator: torch.Generator, accountant: UserLevelAccountant | None = None):
         self.dp, self.n_users, self.q = dp, n_users, sample_rate

@@ -34,7 +34,7 @@ from fedmeta.config import LocalDPConfig, run_config
 from fedmeta.data.silo import Silo, write_silos
 from fedmeta.privacy.ledger import HWM, LEDGER
 from fedmeta.runtime.node import NodeConfig, init_budget
-from server import wire
+import wire
 
 #: tiny and fast; SGD at rate 1 makes the release the privatised direction itself
 TINY = ["data=synthetic_small", "model=tiny", "runtime.rounds=2", "algorithm.local_steps=1",
@@ -161,7 +161,7 @@ def message(kind: str, content: RecordDict, dst: int = 7) -> Message:
 
 def instruction(fed: Federation, server_round: int, client_id: str, run: dict | None = None,
                 params: dict | None = None) -> RecordDict:
-    """Exactly what an honest server sends (``server.wire.instruction``)."""
+    """Exactly what an honest server sends (``wire.instruction``)."""
     return wire.instruction(fed.params if params is None else params, server_round,
                             fed.run if run is None else run, client_id)
 

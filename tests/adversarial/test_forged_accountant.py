@@ -31,7 +31,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedmeta.privacy.accounting import UserLevelAccountant, agrees, independent_epsilon
 from fedmeta.privacy.ledger import LEDGER
-from server.wire import WireError
+from wire import WireError
 from tests.adversarial import server_play as sp
 
 CLIENT = "ecommerce-0"

@@ -12,7 +12,7 @@ trained without DP: release norm 45.56 (the DP release is noise-dominated, norm 
 ``privacy.local.noise_multiplier=0.0`` it clipped but added no noise: release norm 0.451.
 Nothing was refused.
 
-Why it fails now. A node's privacy comes only from its own node file. ``server.wire``
+Why it fails now. A node's privacy comes only from its own node file. ``wire``
 accepts exactly ``arrays`` + ``config`` = {``server-round``, ``fedmeta.run``,
 ``fedmeta.client-id``}; any other record or key raises (an error reply), and the run config
 must equal the node's own (:meth:`Node.check_run`), so a ``privacy`` section inside it is a
@@ -29,8 +29,8 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmeta.runtime.node import RunMismatch
-from server import wire
-from server.wire import WireError
+import wire
+from wire import WireError
 from tests.adversarial import server_play as sp
 
 CLIENT = "ecommerce-0"

@@ -33,7 +33,7 @@ import math
 import pytest
 
 from fedmeta.runtime.node import DP_REPLY_METRICS
-from server import wire
+import wire
 from tests.adversarial import server_play as sp
 
 CLIENT = "ecommerce-0"

@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import clients.app as client_module
 from fedmeta.config import to_dict
-from server import wire
+import wire
 
 
 class LoopbackGrid(Grid):

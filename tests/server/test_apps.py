@@ -87,7 +87,7 @@ def test_more_supernodes_than_clients_fail_the_run_with_the_count(tmp_path):
 def test_a_node_refuses_work_meant_for_another_client(tmp_path):
     from fedmeta.config import run_config
     from fedmeta.runtime.federation import initial_parameters
-    from server import wire
+    import wire
     from server.simulate import prepare
 
     cfg = compose(TINY + ["runtime=simulation"])

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedmeta.algorithms.base import ClientUpdate
-from server import wire
+import wire
 
 
 def _params():

@@ -8,7 +8,9 @@ import struct
 import pandas as pd
 import pytest
 
-from fedmeta.privacy import cli, planning, tradeoff
+from fedmeta.privacy import planning
+from fedmeta.tools import privacy_cli as cli
+from fedmeta.tools import privacy_grid as tradeoff
 from fedmeta.privacy.accounting import agrees, history_epsilon, independent_epsilon
 from fedmeta.privacy.planning import central_epsilon, epsilon_for_noise, noise_for_budget
 
@@ -377,7 +379,7 @@ def test_audit_prints_the_table_and_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_audit_exits_1_when_the_bound_exceeds_the_accountant(tmp_path, capsys, monkeypatch):
-    from fedmeta.privacy import audit as audit_mod
+    from fedmeta.tools import privacy_audit as audit_mod
 
     real = audit_mod.build_private_step
     monkeypatch.setattr(audit_mod, "build_private_step",      # 1/20 of the noise it claims

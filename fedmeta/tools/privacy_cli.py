@@ -40,11 +40,11 @@ from pathlib import Path
 from fedmeta.config import ConfigError
 from fedmeta.data.schema import DataError
 from fedmeta.privacy.accounting import MECHANISMS
-from fedmeta.privacy.audit import CANARY_KINDS, FILLER_KINDS, AuditSetup, audit
-from fedmeta.privacy.audit import table_markdown as audit_table
-from fedmeta.privacy.audit import violations, write_report
+from fedmeta.tools.privacy_audit import CANARY_KINDS, FILLER_KINDS, AuditSetup, audit
+from fedmeta.tools.privacy_audit import table_markdown as audit_table
+from fedmeta.tools.privacy_audit import violations, write_report
 from fedmeta.privacy.planning import PlanQuery, check_delta_policy, default_delta, plan
-from fedmeta.privacy.tradeoff import (DEFAULT_CENTRAL_NOISE, DEFAULT_LOCAL_EPS,
+from fedmeta.tools.privacy_grid import (DEFAULT_CENTRAL_NOISE, DEFAULT_LOCAL_EPS,
                                       DEFAULT_OVERRIDES, EpsilonCheckError, failed_checks,
                                       footnotes, run_grid, table_markdown)
 

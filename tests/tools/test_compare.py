@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from fedmeta.runtime.compare import main
+from fedmeta.tools.compare import main
 
 SMALL = ["data=synthetic_small", "data.synthetic.ecommerce_users=60", "data.synthetic.social_users=60",
          "runtime.rounds=1", "algorithm.local_steps=1", "algorithm.users_per_step=6",

@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy import special, stats
 
-from fedmeta.privacy import audit as audit_mod
+from fedmeta.tools import privacy_audit as audit_mod
 from fedmeta.privacy.accounting import history_epsilon
-from fedmeta.privacy.audit import (AuditSetup, audit, build_private_step, count_correct,
+from fedmeta.tools.privacy_audit import (AuditSetup, audit, build_private_step, count_correct,
                                    epsilon_lower_bound, one_run_bound, release)
 from fedmeta.privacy.local import PrivateStep
 from fedmeta.privacy.planning import noise_for_budget

@@ -1,5 +1,10 @@
 """The wire format between the fedmeta ServerApp and ClientApp: every key, in one module.
 
+Both Flower apps (``clients/`` and ``server/``) import this package and neither imports the
+other. It also names the two places a node finds its own config: the SuperNode's
+``node_config[NODE_KEY]`` (deployment) or the node file a launcher wrote into the directory
+``$NODES_DIR_ENV`` (simulation).
+
 Server -> node (train / evaluate): ``arrays`` (the global meta-parameters, Flower's own
 ArrayRecord <-> torch state-dict conversion) and ``config`` with exactly three keys: the
 round, the run-level config as JSON (:func:`fedmeta.config.run_config`) and the client the
@@ -31,6 +36,8 @@ WEIGHT = "num-examples"
 ROWS_TEXT, ROWS_VALUES = "rows-text", "rows-values"
 ROW_TEXT = ("population", "stage", "domain", "client", "metric")
 ALLOWED_CONFIG = frozenset({ROUND, RUN, CLIENT})
+NODE_KEY = "fedmeta-node"             # node_config key: path of the node's JSON file
+NODES_DIR_ENV = "FEDMETA_NODES_DIR"   # simulation: where the engine wrote the node files
 
 
 class WireError(ValueError):
