@@ -118,7 +118,10 @@ class PrivateStep(Step):
         # through clipping into the release, an un-noised signal about who was sampled
         finite = None
         for name in shapes:
-            ok = torch.isfinite(per_user[name].reshape(per_user[name].shape[0], -1)).all(1)
+            t = per_user[name]
+            if t.shape[0] == 0 or t.numel() == 0:     # an empty Poisson sample: nothing to check
+                continue
+            ok = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
             finite = ok if finite is None else finite & ok
         opt = self._dp_optimizer(shapes, like)
         for name, slot in self._slots.items():

@@ -142,3 +142,11 @@ def test_secure_mode_noise_has_the_same_scale():
     out = step.privatize({"a": torch.zeros(4, 200_000)}, {"a": torch.zeros(200_000)})
     assert float(out["a"].std()) == pytest.approx(1.0 / 5, rel=0.02)   # sigma*C / expected batch
     assert step._optimizer.secure_mode
+
+
+def test_an_empty_poisson_sample_releases_pure_noise():
+    """Poisson sampling may pick nobody: the step must still release (noise only)."""
+    step = _step(sigma=1.0, n_users=10, q=0.5)
+    like = {"a": torch.zeros(5, 3), "b": torch.zeros(7)}
+    out = step.privatize({k: v.new_zeros((0, *v.shape)) for k, v in like.items()}, like)
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in out.values())
