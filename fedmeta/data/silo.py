@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from fedmeta.atomic import write_json
 from fedmeta.data.partition import ClientPartition
 from fedmeta.data.schema import DataError, InteractionData
 
@@ -72,15 +72,6 @@ def silo_dir(root: str | Path, client_id: str) -> Path:
     return Path(root) / client_id.replace("/", "_")
 
 
-def _atomic_json(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(value, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_silos(silos: list[Silo], root: str | Path) -> Path:
     """One directory per silo plus the manifest; returns ``root``."""
     root = Path(root)
@@ -93,11 +84,11 @@ def write_silos(silos: list[Silo], root: str | Path) -> Path:
         silo.data.interactions.to_parquet(d / "interactions.parquet", index=False)
         silo.data.items.to_parquet(d / "items.parquet", index=False)
         part = asdict(silo.partition)
-        _atomic_json(d / "silo.json", {"format": SILO_FORMAT, **part})
+        write_json(d / "silo.json", {"format": SILO_FORMAT, **part})
         catalogues[silo.partition.domain] = int(len(silo.data.items))
         clients.append(asdict(ClientEntry(silo.client_id, silo.partition.domain,
                                           bool(silo.partition.new_client), order)))
-    _atomic_json(root / MANIFEST, {"format": SILO_FORMAT, "clients": clients,
+    write_json(root / MANIFEST, {"format": SILO_FORMAT, "clients": clients,
                                    "catalogues": dict(sorted(catalogues.items()))})
     log.info("wrote %d silos to %s", len(silos), root)
     return root

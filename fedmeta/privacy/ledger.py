@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmeta.atomic import write_json
 from fedmeta.config import LocalDPConfig
 from fedmeta.privacy.accounting import BudgetExceededError, UserLevelAccountant
 from fedmeta.privacy.planning import noise_for_budget
@@ -105,20 +105,6 @@ def make_plan(dp: LocalDPConfig, n_users: int, users_per_step: int, planned_step
         sigma = math.nan
     return DPPlan(dp.mechanism, float(delta), dp.target_epsilon, float(dp.max_grad_norm),
                   float(q), sigma)
-
-
-def _write(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(value, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class PrivacyLedger:
@@ -239,11 +225,11 @@ class PrivacyLedger:
         return self.accountant.epsilon()
 
     def _persist(self) -> None:
-        _write(self.dir / LEDGER, {"format": FORMAT, "client_id": self.client_id,
+        write_json(self.dir / LEDGER, {"format": FORMAT, "client_id": self.client_id,
                                    "plan": self.plan.as_dict(),
                                    "accountant": self.accountant.state_dict(), "seq": self.seq,
                                    "resets": self.resets, "written_at": time.time()})
-        _write(self.dir / HWM, {"seq": self.seq})
+        write_json(self.dir / HWM, {"seq": self.seq})
 
 
 def _same(a, b) -> bool:
