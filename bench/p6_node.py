@@ -201,7 +201,7 @@ def step_cell(spec: dict) -> dict:
         node.algorithm.mean_update(params, batch)
     ops = sorted(((e.key, e.self_cpu_memory_usage / 2**20, e.count) for e in prof.key_averages()),
                  key=lambda r: -r[1])[:5]
-    hidden = MODEL_SIZES[cfg.model.size][0]
+    hidden = MODEL_SIZES[cfg.model.size].hidden
     cand = tuple(batch["cand"].shape)
     return {"algorithm": cfg.algorithm.name, "users": users, "cand_shape": list(cand),
             "step_peak_mb": peak, "top_ops": ops, "hidden": hidden,

@@ -89,13 +89,24 @@ class DataConfig:
             raise ConfigError("data.clients: at least one domain needed")
 
 
+@dataclass(frozen=True)
+class ModelSize:
+    """A named transformer shape (``model.size``)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int          # feature vocabulary (hashed attribute/text tokens)
+
+
 MODEL_SIZES = {
-    # hidden, layers, heads, intermediate, feature vocabulary (hashed attribute/text tokens)
-    "tiny": (64, 2, 2, 128, 4096),
-    "small": (256, 4, 4, 1024, 16384),
-    "base": (768, 12, 12, 3072, 30522),
-    "large": (1024, 24, 16, 4096, 30522),
-    "minilm": (384, 6, 12, 1536, 30522),   # initialised from all-MiniLM-L6-v2
+    "tiny": ModelSize(hidden=64, layers=2, heads=2, intermediate=128, vocab=4096),
+    "small": ModelSize(hidden=256, layers=4, heads=4, intermediate=1024, vocab=16384),
+    "base": ModelSize(hidden=768, layers=12, heads=12, intermediate=3072, vocab=30522),
+    "large": ModelSize(hidden=1024, layers=24, heads=16, intermediate=4096, vocab=30522),
+    # initialised from all-MiniLM-L6-v2
+    "minilm": ModelSize(hidden=384, layers=6, heads=12, intermediate=1536, vocab=30522),
 }
 
 

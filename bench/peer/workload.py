@@ -77,7 +77,7 @@ def build_clients(cfg) -> list:
     d = cfg.data
     data = validate(generate(SyntheticConfig(**{"seed": d.seed, **d.synthetic})), "synthetic")
     data = filter_min_interactions(data, d.min_interactions, "synthetic")
-    featurizer = HashFeaturizer(MODEL_SIZES[cfg.model.size][4], cfg.model.max_tokens_per_item)
+    featurizer = HashFeaturizer(MODEL_SIZES[cfg.model.size].vocab, cfg.model.max_tokens_per_item)
     catalogs, seqs = {}, {}
     for domain in data.domains:
         dom = data.domain(domain)

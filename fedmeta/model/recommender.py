@@ -152,7 +152,8 @@ class SequenceRecommender(nn.Module):
 
 
 def bert_config(cfg: ModelConfig, max_len: int) -> BertConfig:
-    hidden, layers, heads, inter, _ = MODEL_SIZES[cfg.size]
+    size = MODEL_SIZES[cfg.size]
+    hidden, layers, heads, inter = size.hidden, size.layers, size.heads, size.intermediate
     return BertConfig(vocab_size=1, hidden_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, intermediate_size=inter,
                       max_position_embeddings=max_len + 1, type_vocab_size=1,
@@ -178,7 +179,7 @@ def build_model(cfg: ModelConfig, max_len: int, seed: int = 0, private_rows: int
     must pass the same number, or their parameters will not have the same shapes.
     """
     torch.manual_seed(seed)
-    vocab = MODEL_SIZES[cfg.size][4]
+    vocab = MODEL_SIZES[cfg.size].vocab
     if cfg.item_ids == "shared" and item_rows <= 0:
         log.warning("model.item_ids=shared but no item_rows given: building the model without "
                     "the shared item-ID table (pass build_model(..., item_rows=N))")

@@ -134,7 +134,7 @@ def featurizer_for(cfg: ExperimentConfig):
 
         return TokenizerFeaturizer(AutoTokenizer.from_pretrained(str(minilm_dir()),
                                                                  local_files_only=True), width)
-    return HashFeaturizer(MODEL_SIZES[cfg.model.size][4], width)
+    return HashFeaturizer(MODEL_SIZES[cfg.model.size].vocab, width)
 
 
 def experiment_view(nc: NodeConfig) -> ExperimentConfig:
