@@ -230,23 +230,35 @@ def federation_cell(spec: dict) -> dict:
     from fedmeta.runtime.inprocess import InProcessTransport, build_nodes
 
     torch.set_num_threads(1)
+    partial = Path(spec["partial"]) if spec.get("partial") else None
+
+    def note(res: dict) -> dict:    # what finished so far survives a timeout of the cell
+        if partial is not None:
+            partial.write_text(json.dumps(res))
+        return res
+
     cfg = _compose(spec["overrides"])
     out = Path(tempfile.mkdtemp(prefix="fedmeta-bench-fed-"))
     t0 = time.perf_counter()
     nodes = build_nodes(cfg, out)
-    build_s = time.perf_counter() - t0
-    rss_built = current_rss_mb()
-    peak_built = max_rss_mb()
+    res = note({"clients": len(nodes),
+                "training_clients": sum(not n.tasks.partition.new_client for n in nodes),
+                "users_per_client": sorted(len(n.tasks.partition.users)
+                                           for n in nodes)[len(nodes) // 2],
+                "build_s": time.perf_counter() - t0, "rss_built_mb": current_rss_mb(),
+                "peak_built_mb": max_rss_mb(), "round_s": [], "peak_rss_mb": max_rss_mb()})
+
+    def echo(line: str) -> None:    # the driver's progress line, once per finished round
+        note({**res, "round_s": [r["seconds"] for r in driver.recorder.rounds],
+              "peak_rss_mb": max_rss_mb()})
+
     driver = RoundDriver(cfg, InProcessTransport(nodes), out,
-                         initial_parameters(cfg, nodes[0].device), echo=lambda s: None)
+                         initial_parameters(cfg, nodes[0].device), echo=echo)
     t1 = time.perf_counter()
     driver.run()
-    return {"clients": len(nodes), "training_clients": sum(
-                not n.tasks.partition.new_client for n in nodes),
-            "users_per_client": sorted(len(n.tasks.partition.users) for n in nodes)[len(nodes) // 2],
-            "build_s": build_s, "run_s": time.perf_counter() - t1,
-            "round_s": [r["seconds"] for r in driver.recorder.rounds],
-            "rss_built_mb": rss_built, "peak_built_mb": peak_built, "peak_rss_mb": max_rss_mb()}
+    return note({**res, "run_s": time.perf_counter() - t1,
+                 "round_s": [r["seconds"] for r in driver.recorder.rounds],
+                 "peak_rss_mb": max_rss_mb()})
 
 
 CELLS = {"dp": dp_cell, "silo_build": silo_build_cell, "silo_round": silo_round_cell,

@@ -28,7 +28,7 @@ ALGORITHMS = ("fedavg", "reptile", "fomaml")
 USERS_PER_STEP = 32       # q * n: the expected sampled users per step, fixed across n
 LOCAL_STEPS = 2
 GROWTH = 1.3              # a per-round cost this much higher on the largest silo "grows"
-TIMEOUT = {"build": 1200.0, "round": 2400.0, "federation": 2400.0}
+TIMEOUT = {"build": 1200.0, "round": 2400.0, "iid100": 1800.0, "user1000": 3600.0}
 
 
 def overrides(users: int, quick: bool = False) -> list[str]:
@@ -86,12 +86,17 @@ def measure(quick: bool, echo=print) -> dict:
                         f"{c['round_s'][0]:.1f}" for c in node["combos"])))
     feds = {}
     for kind in FEDERATIONS:
-        feds[kind] = run_cell("federation", {"overrides": federation_overrides(kind, quick)},
-                              TIMEOUT["federation"])
-        r = feds[kind]
-        echo(f"P4 federation {kind}: " + (r["error"] if "error" in r else
+        with tempfile.TemporaryDirectory(prefix="fedmeta-p4-fed-") as tmp:
+            partial = Path(tmp) / "partial.json"
+            r = run_cell("federation", {"overrides": federation_overrides(kind, quick),
+                                        "partial": str(partial)}, TIMEOUT[kind])
+            if "error" in r and partial.is_file():     # keep what finished before the timeout
+                r = {**json.loads(partial.read_text()), "error": r["error"]}
+        feds[kind] = r
+        echo(f"P4 federation {kind}: " + (r["error"] if "clients" not in r else
              f"{r['clients']} clients, build {r['build_s']:.0f}s, rounds "
-             + " ".join(f"{t:.0f}s" for t in r["round_s"]) + f", peak {r['peak_rss_mb']:.0f} MB"))
+             + " ".join(f"{t:.0f}s" for t in r["round_s"]) + f", peak {r['peak_rss_mb']:.0f} MB")
+             + (f" ({r['error']})" if "clients" in r and "error" in r else ""))
     echo("P4 raw: " + json.dumps({"silos": res, "federations": feds}))
     return {"silos": res, "federations": feds}
 
@@ -191,13 +196,16 @@ def verdicts(res: dict) -> list[str]:
 def federation_rows(feds: dict) -> list[list]:
     rows = []
     for kind, r in feds.items():
-        if "error" in r:
-            rows.append([kind, f"failed: {r['error']}"] + [""] * 7)
+        if "clients" not in r:
+            rows.append([kind, f"failed: {r['error']}"] + [""] * 8)
             continue
-        train = r["round_s"][0] if r["round_s"] else float("nan")
-        last = r["round_s"][-1] if r["round_s"] else float("nan")
+        rounds = r["round_s"]
+        missing = f"not reached: {r['error']}" if "error" in r else "-"
         rows.append([kind, r["clients"], r["training_clients"], r["users_per_client"],
-                     r["build_s"], train, last, r["rss_built_mb"], r["peak_rss_mb"]])
+                     r["build_s"], r["build_s"] / r["clients"] * 1000,
+                     rounds[0] if rounds else missing,
+                     rounds[1] if len(rounds) > 1 else missing,
+                     r["rss_built_mb"], r["peak_rss_mb"]])
     return rows
 
 
@@ -250,8 +258,8 @@ def run(quick: bool, echo=print) -> str:
         "client; round 2 trains them again and evaluates every client.",
         "",
         table(["federation", "clients", "training clients", "median users per client",
-               "build s", "training round s", "round with eval s", "RSS built MB",
-               "peak RSS MB"], federation_rows(feds)),
+               "build s", "build ms per client", "training round s", "round with eval s",
+               "RSS built MB", "peak RSS MB"], federation_rows(feds)),
     ]
     return "\n".join(lines)
 

@@ -190,9 +190,13 @@ def test_p4_federation_overrides_and_rows():
         "iid100": {"clients": 100, "training_clients": 98, "users_per_client": 16,
                    "build_s": 30.0, "round_s": [10.0, 25.0], "rss_built_mb": 900.0,
                    "peak_rss_mb": 1000.0},
-        "user1000": {"error": "timeout after 2400s"}})
-    assert rows[0] == ["iid100", 100, 98, 16, 30.0, 10.0, 25.0, 900.0, 1000.0]
-    assert rows[1][1].startswith("failed") and len(rows[1]) == 9
+        "user1000": {"error": "timeout after 2400s"},
+        "partial": {"clients": 10, "training_clients": 8, "users_per_client": 1,
+                    "build_s": 5.0, "round_s": [2.0], "rss_built_mb": 1.0, "peak_rss_mb": 2.0,
+                    "error": "timeout after 60s"}})
+    assert rows[0] == ["iid100", 100, 98, 16, 30.0, 300.0, 10.0, 25.0, 900.0, 1000.0]
+    assert rows[1][1].startswith("failed") and len(rows[1]) == 10
+    assert rows[2][6] == 2.0 and rows[2][7] == "not reached: timeout after 60s"
 
 
 def test_p4_run_builds_a_section(monkeypatch):
