@@ -11,7 +11,8 @@ import pytest
 from fedmeta.privacy import planning
 from fedmeta.tools import privacy_cli as cli
 from fedmeta.tools import privacy_grid as tradeoff
-from fedmeta.privacy.accounting import agrees, history_epsilon, independent_epsilon
+from fedmeta.privacy.accounting import (agrees, conservative_epsilon, history_epsilon,
+                                        independent_epsilon)
 from fedmeta.privacy.planning import central_epsilon, epsilon_for_noise, noise_for_budget
 
 LOCAL = ["--delta", "1e-3", "--rounds", "5", "--local-steps", "2", "--sample-rate", "0.2"]
@@ -204,7 +205,7 @@ def fake_local_run(run_dir, reported, history, delta=0.01, target=4.0):
 
 def test_local_check_recomputes_from_history(tmp_path):
     history = [[1.2, 0.25, 12]]
-    eps = history_epsilon(history, 0.01)
+    eps = conservative_epsilon(history, 0.01)        # what a node reports: the larger figure
     rep = tradeoff.check_local(fake_local_run(tmp_path, eps, history), tmp_path, 4.0)
     assert rep.status == "ok" and rep.epsilon == pytest.approx(eps)
     assert rep.independent == pytest.approx(independent_epsilon(history, 0.01))
@@ -213,7 +214,7 @@ def test_local_check_recomputes_from_history(tmp_path):
 
 def test_local_check_never_reports_less_than_the_history(tmp_path):
     history = [[1.2, 0.25, 12]]
-    eps = history_epsilon(history, 0.01)
+    eps = conservative_epsilon(history, 0.01)
     rep = tradeoff.check_local(fake_local_run(tmp_path, eps / 2, history), tmp_path, 4.0)
     assert rep.status == "MISMATCH" and "history gives" in rep.notes[0]
     assert rep.epsilon == pytest.approx(eps)
@@ -258,7 +259,7 @@ def test_central_check_counts_released_rounds_and_reads_the_runner_value():
 
 def test_grid_fails_loudly_on_a_bad_epsilon(tmp_path, monkeypatch, capsys):
     history = [[1.2, 0.25, 12]]
-    eps = history_epsilon(history, 0.01)
+    eps = conservative_epsilon(history, 0.01)
 
     def runner(overrides, out_dir, threads=None):
         if "privacy=central" in overrides:
