@@ -425,6 +425,30 @@ def verdicts(res: dict) -> list[str]:
                    f"{peaks[0][0]}-{peaks[-1][0]} silos ({max(vals) - min(vals):.0f} MB, "
                    f"{sp:.1%}) -> target 'flat in the number of silos' "
                    f"**{'met' if sp <= FLAT else 'missed'}** (flat = within {FLAT:.0%}).")
+    done = [(n, fed) for n, fed in feds if "phases" in fed.get("plain", {})]
+    if done:
+        n, fed = done[-1]
+        r = fed["plain"]
+        ph = r["phases"]
+        peak, imp = ph["eval"]["hwm_mb"], ph["imports"]["rss_mb"]
+        load = ph["node"]["rss_mb"] - imp
+        work = peak - ph["node"]["rss_mb"]
+        objects = r["silo_frames_mb"] + r["task_tensors_mb"] + r["model_mb"]
+        out.append(f"Where the peak goes (privacy=none, {n} silos, {peak:.0f} MB): imports "
+                   f"{imp:.0f} MB ({imp / peak:.0%}); reading the silo and building the node "
+                   f"{load:.0f} MB, of which the silo's frames, task tensors and model are "
+                   f"{objects:.1f} MB (the rest is paid once per process, not per object: a "
+                   f"DP node pays it in its budget step and then only a few MB for the node, "
+                   f"so it is first-use allocation by pandas, pyarrow and torch); the round's "
+                   f"work {work:.0f} MB ({work / peak:.0%}).")
+    whole = [(n, fed["whole"]["phases"]["node"]["hwm_mb"], fed["plain"]["phases"]["node"]["rss_mb"])
+             for n, fed in done if "phases" in fed.get("whole", {})]
+    if len(whole) >= 2:
+        (n0, w0, o0), (n1, w1, o1) = whole[0], whole[-1]
+        out.append(f"Holding the whole federation instead (the same-code stand-in for the old "
+                   f"design): memory after load {w0:.0f} -> {w1:.0f} MB from {n0} to {n1} silos "
+                   f"(+{w1 - w0:.0f} MB, growing with the federation's users); a node with its own "
+                   f"silo only: {o0:.0f} -> {o1:.0f} MB.")
     parts = [(n, fed["partition"]["hwm_mb"]) for n, fed in feds if "hwm_mb" in fed["partition"]]
     if len(parts) >= 2:
         out.append(f"The partition step grows with the federation, as designed: peak "

@@ -102,6 +102,10 @@ def test_spread_and_verdicts():
     grown = verdicts(_res({2: 790.0, 32: 1000.0}))
     assert "**missed**" in grown[0] and "**missed**" in grown[1]
     assert "fewer than two" in verdicts(_res({2: 790.0}))[0]
+    where = next(v for v in flat if v.startswith("Where the peak goes"))
+    assert "32 silos, 805 MB" in where and "imports 470 MB" in where and "3.3 MB" in where
+    whole = next(v for v in flat if v.startswith("Holding the whole federation"))
+    assert "522 -> 552 MB from 2 to 32 silos (+30 MB" in whole and "510 -> 510 MB" in whole
 
 
 def test_run_builds_a_section_from_measurements(monkeypatch):
