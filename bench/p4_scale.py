@@ -178,6 +178,22 @@ def profile_rows(res: dict, top: int = 3) -> list[list]:
     return rows
 
 
+def one_off_text(res: dict) -> str:
+    """How the one-off costs grow with the silo: generation and the node's task build."""
+    done = [(n, r) for n, r in sorted(res.items()) if "error" not in r.get("node", {"error": 1})]
+    if len(done) < 2:
+        return ""
+    (n0, r0), (n1, r1) = done[0], done[-1]
+    t0, t1 = r0["node"]["tasks_s"], r1["node"]["tasks_s"]
+    return (f"One-off, per node start: building the node's tasks took {t0:.1f} s at {n0:,} users "
+            f"and {t1:.0f} s at {n1:,} (x{t1 / t0:.0f} for x{n1 / n0:.0f} the users): linear in "
+            f"the silo, paid once when the node starts (and once more by the launcher, which "
+            f"builds every silo's tasks to declare its population). The node's RSS after "
+            f"loading went {r0['node']['rss_loaded_mb']:.0f} -> "
+            f"{r1['node']['rss_loaded_mb']:.0f} MB; the data build's peak "
+            f"{r0['build']['peak_rss_mb']:.0f} -> {r1['build']['peak_rss_mb']:.0f} MB.")
+
+
 def verdicts(res: dict) -> list[str]:
     out = []
     for algo, dp, n0, n1, ratio in growth(res):
@@ -234,6 +250,8 @@ def run(quick: bool, echo=print) -> str:
         table(["silo users", "users", "training users", "interactions", "generate s",
                "cut + write s", "build peak RSS MB", "node: read silo s", "node: build tasks s",
                "node: peak RSS loading MB", "node: RSS loaded MB"], data_rows(res)),
+        "",
+        one_off_text(res),
         "",
         "Per round:",
         "",

@@ -220,3 +220,11 @@ def test_step_text_names_the_catalogue_and_allocators():
                    "cand_embeddings_mb": 56.25}
     text = p6_node.step_text(res)
     assert "32 x 600 items x 12 tokens" in text and "56 MB" in text and "`aten::mul`" in text
+
+
+def test_p4_one_off_text_compares_smallest_and_largest_silo():
+    res = _p4({1000: 1.0, 100_000: 1.0})
+    res[100_000]["node"]["tasks_s"] = 200.0
+    text = p4_scale.one_off_text(res)
+    assert "2.0 s at 1,000 users and 200 s at 100,000 (x100 for x100 the users)" in text
+    assert p4_scale.one_off_text(_p4({1000: 1.0})) == ""
