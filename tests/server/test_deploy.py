@@ -254,7 +254,7 @@ def test_tls_authenticated_deployment_end_to_end(tmp_path, reaper):
         reaper.extend(seen["pids"])
 
     lines: list[str] = []
-    out = deploy.deploy([f"hydra.run.dir={run_dir}", *SMALL], workdir, timeout=240,
+    out = deploy.deploy([f"hydra.run.dir={run_dir}", *SMALL], workdir, timeout=900,
                         after_run=after_run, echo=lines.append)
     assert out == run_dir.resolve()
     # the unregistered node exits with Flower's connection-failure code 305
