@@ -187,8 +187,9 @@ def one_off_text(res: dict) -> str:
     t0, t1 = r0["node"]["tasks_s"], r1["node"]["tasks_s"]
     return (f"One-off, per node start: building the node's tasks took {t0:.1f} s at {n0:,} users "
             f"and {t1:.0f} s at {n1:,} (x{t1 / t0:.0f} for x{n1 / n0:.0f} the users): linear in "
-            f"the silo, paid once when the node starts (and once more by the launcher, which "
-            f"builds every silo's tasks to declare its population). The node's RSS after "
+            f"the silo, paid when the node starts; under local DP twice more before it (the "
+            f"launcher builds every silo's tasks to declare its population, `init_budget` "
+            f"builds them again for the budget). The node's RSS after "
             f"loading went {r0['node']['rss_loaded_mb']:.0f} -> "
             f"{r1['node']['rss_loaded_mb']:.0f} MB; the data build's peak "
             f"{r0['build']['peak_rss_mb']:.0f} -> {r1['build']['peak_rss_mb']:.0f} MB.")
