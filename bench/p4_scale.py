@@ -28,7 +28,7 @@ ALGORITHMS = ("fedavg", "reptile", "fomaml")
 USERS_PER_STEP = 32       # q * n: the expected sampled users per step, fixed across n
 LOCAL_STEPS = 2
 GROWTH = 1.3              # a per-round cost this much higher on the largest silo "grows"
-TIMEOUT = {"build": 1200.0, "round": 2400.0, "iid100": 1800.0, "user1000": 3600.0}
+TIMEOUT = {"build": 1200.0, "round": 2400.0, "iid100": 1800.0, "user1000": 5400.0}
 
 
 def overrides(users: int, quick: bool = False) -> list[str]:
