@@ -131,8 +131,10 @@ def silo_round_cell(spec: dict) -> dict:
 
     The silo is read and its tasks built once (they depend on the data and model configs
     only, the same for every combination; ``build_tasks`` is memoised on those), then for
-    each combination: its budget (DP), its node, a timed round and a profiled round (cProfile;
-    a second timing would double the cell on a loaded machine). Peak RSS is reset before the
+    each combination: its budget (DP), its node, a timed round and a profiled round (cProfile
+    on CPU time; a second timing would double the cell on a loaded machine). Rounds are timed
+    in wall and CPU time: with one thread, CPU time is the round's own work, which other
+    processes on a loaded machine do not stretch. Peak RSS is reset before the
     rounds, so each combination's round peak is its own. Sampled users are counted where the steps take them (``TaskTensors.subset``).
     """
     import cProfile
@@ -192,19 +194,21 @@ def silo_round_cell(spec: dict) -> dict:
         trim_heap()      # freed pages of the previous combination back to the OS first
         reset_peak_rss()
         rss0 = current_rss_mb()
-        times, users = [], []
+        times, cpu, users = [], [], []
         TaskTensors.subset = counting
         try:
             for r in (1, 2):
                 sampled.clear()
-                prof = cProfile.Profile() if r == 2 else None
-                t = time.perf_counter()
+                # CPU time (one thread): what the round costs, whatever else the machine runs
+                prof = cProfile.Profile(time.process_time) if r == 2 else None
+                t, c = time.perf_counter(), time.process_time()
                 if prof:
                     prof.enable()
                 node.train(params, r, nc.run)
                 if prof:
                     prof.disable()
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
                 users.append(sum(sampled))
         finally:
             TaskTensors.subset = subset
@@ -213,7 +217,8 @@ def silo_round_cell(spec: dict) -> dict:
                       in stats.items()), key=lambda kv: -kv[1])[:40]
         out["combos"].append({"algorithm": algo, "dp": dp, "budget_s": budget_s,
                               "population": nc.privacy.population,
-                              "node_s": node_s, "round_s": times, "sampled": users,
+                              "node_s": node_s, "round_s": times, "round_cpu_s": cpu,
+                              "sampled": users,
                               "round_peak_mb": max_rss_mb() - rss0, "rss_before_mb": rss0,
                               "profile": dict(top), "steps": cfg.algorithm.local_steps})
         del node
@@ -240,24 +245,31 @@ def federation_cell(spec: dict) -> dict:
     cfg = _compose(spec["overrides"])
     out = Path(tempfile.mkdtemp(prefix="fedmeta-bench-fed-"))
     t0 = time.perf_counter()
+    c0 = time.process_time()
     nodes = build_nodes(cfg, out)
-    res = note({"clients": len(nodes),
+    res = note({"build_cpu_s": time.process_time() - c0, "clients": len(nodes),
                 "training_clients": sum(not n.tasks.partition.new_client for n in nodes),
                 "users_per_client": sorted(len(n.tasks.partition.users)
                                            for n in nodes)[len(nodes) // 2],
                 "build_s": time.perf_counter() - t0, "rss_built_mb": current_rss_mb(),
                 "peak_built_mb": max_rss_mb(), "round_s": [], "peak_rss_mb": max_rss_mb()})
 
+    marks = [time.process_time()]
+
     def echo(line: str) -> None:    # the driver's progress line, once per finished round
+        marks.append(time.process_time())
         note({**res, "round_s": [r["seconds"] for r in driver.recorder.rounds],
+              "round_cpu_s": [b - a for a, b in zip(marks, marks[1:])],
               "peak_rss_mb": max_rss_mb()})
 
     driver = RoundDriver(cfg, InProcessTransport(nodes), out,
                          initial_parameters(cfg, nodes[0].device), echo=echo)
     t1 = time.perf_counter()
+    marks[0] = time.process_time()
     driver.run()
     return note({**res, "run_s": time.perf_counter() - t1,
                  "round_s": [r["seconds"] for r in driver.recorder.rounds],
+                 "round_cpu_s": [b - a for a, b in zip(marks, marks[1:])],
                  "peak_rss_mb": max_rss_mb()})
 
 

@@ -121,7 +121,8 @@ from bench import p4_scale  # noqa: E402
 
 
 def _combo(algo, dp, t, users, profile):
-    return {"algorithm": algo, "dp": dp, "round_s": [t, t * 3], "sampled": [users] * 2,
+    return {"algorithm": algo, "dp": dp, "round_s": [t, t * 3], "round_cpu_s": [t / 2, t],
+            "sampled": [users] * 2,
             "round_peak_mb": 50.0, "budget_s": 1.0 if dp else 0.0, "node_s": 0.5,
             "profile": profile, "steps": 2}
 
@@ -154,7 +155,7 @@ def test_p4_rows_use_the_timed_round():
     rows = p4_scale.round_rows(_p4({1000: 1.0, 100_000: 1.0}))
     fedavg = [r for r in rows if r[1] == "fedavg" and r[2] == "none"]
     assert [r[0] for r in fedavg] == [1000, 100_000]
-    assert fedavg[0][3:8] == ["-", 64, 1.0, 64.0, 1000 / 64]
+    assert fedavg[0][3:9] == ["-", 64, 1.0, 0.5, 64.0, 500 / 64]     # wall and CPU time
     data = p4_scale.data_rows(_p4({1000: 1.0}))
     assert data[0][:7] == [1000, 1000, 800, 30000, 1.0, 0.75, 600.0]
 
@@ -192,15 +193,16 @@ def test_p4_federation_overrides_and_rows():
     assert one.count("scheme:user") == 2 and "ecommerce_users=625" in one
     rows = p4_scale.federation_rows({
         "iid100": {"clients": 100, "training_clients": 98, "users_per_client": 16,
-                   "build_s": 30.0, "round_s": [10.0, 25.0], "rss_built_mb": 900.0,
+                   "build_s": 30.0, "round_s": [10.0, 25.0], "round_cpu_s": [8.0, 20.0],
+                   "rss_built_mb": 900.0,
                    "peak_rss_mb": 1000.0},
         "user1000": {"error": "timeout after 2400s"},
         "partial": {"clients": 10, "training_clients": 8, "users_per_client": 1,
                     "build_s": 5.0, "round_s": [2.0], "rss_built_mb": 1.0, "peak_rss_mb": 2.0,
                     "error": "timeout after 60s"}})
-    assert rows[0] == ["iid100", 100, 98, 16, 30.0, 300.0, 10.0, 25.0, 900.0, 1000.0]
-    assert rows[1][1].startswith("failed") and len(rows[1]) == 10
-    assert rows[2][6] == 2.0 and rows[2][7] == "not reached: timeout after 60s"
+    assert rows[0] == ["iid100", 100, 98, 16, 30.0, 300.0, 10.0, 8.0, 25.0, 900.0, 1000.0]
+    assert rows[1][1].startswith("failed") and len(rows[1]) == 11
+    assert rows[2][6] == 2.0 and rows[2][8] == "not reached: timeout after 60s"
 
 
 def test_p4_run_builds_a_section(monkeypatch):
