@@ -256,20 +256,22 @@ def federation_cell(spec: dict) -> dict:
 
     marks = [time.process_time()]
 
+    def rounds() -> dict:
+        done = [r["seconds"] for r in driver.recorder.rounds]
+        return {"round_s": done,
+                "round_cpu_s": [b - a for a, b in zip(marks, marks[1:])][:len(done)]}
+
     def echo(line: str) -> None:    # the driver's progress line, once per finished round
-        marks.append(time.process_time())
-        note({**res, "round_s": [r["seconds"] for r in driver.recorder.rounds],
-              "round_cpu_s": [b - a for a, b in zip(marks, marks[1:])],
-              "peak_rss_mb": max_rss_mb()})
+        if len(marks) <= len(driver.recorder.rounds):      # not the end-of-run summary
+            marks.append(time.process_time())
+        note({**res, **rounds(), "peak_rss_mb": max_rss_mb()})
 
     driver = RoundDriver(cfg, InProcessTransport(nodes), out,
                          initial_parameters(cfg, nodes[0].device), echo=echo)
     t1 = time.perf_counter()
     marks[0] = time.process_time()
     driver.run()
-    return note({**res, "run_s": time.perf_counter() - t1,
-                 "round_s": [r["seconds"] for r in driver.recorder.rounds],
-                 "round_cpu_s": [b - a for a, b in zip(marks, marks[1:])],
+    return note({**res, "run_s": time.perf_counter() - t1, **rounds(),
                  "peak_rss_mb": max_rss_mb()})
 
 
