@@ -5,8 +5,10 @@ A fresh process per cell keeps peak RSS attributable to that cell alone.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -167,6 +169,7 @@ def silo_round_cell(spec: dict) -> dict:
     node_mod.build_tasks = fed_mod.build_tasks = tasks_once
     base = spec["overrides"]
     state = Path(tempfile.mkdtemp(prefix="fedmeta-bench-state-"))
+    atexit.register(shutil.rmtree, state, True)
     # the node's own view of the config (what Node passes to build_tasks), so the cache hits
     first = node_configs(_compose([*base, "algorithm=fedavg", "privacy=none"]), [silo.client_id],
                          Path(spec["silo_dir"]).parent, state / "first")[0]
@@ -244,6 +247,7 @@ def federation_cell(spec: dict) -> dict:
 
     cfg = _compose(spec["overrides"])
     out = Path(tempfile.mkdtemp(prefix="fedmeta-bench-fed-"))
+    atexit.register(shutil.rmtree, out, True)
     t0 = time.perf_counter()
     c0 = time.process_time()
     nodes = build_nodes(cfg, out)
