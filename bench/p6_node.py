@@ -395,7 +395,7 @@ def contrast_rows(res: dict) -> list[list]:
         users = _get(fed, "silo_users", default=None)
         old = fed.get("old", {"error": "not run"})
         rows.append([n, n * res["users_per_silo"],
-                     f"{users[0]}-{users[1]}" if users else "failed",
+                     users[0] if users else "failed", users[1] if users else "failed",
                      _get(fed, "partition", "hwm_mb"), _get(fed, "partition", "s"),
                      _get(fed, "whole", "phases", "node", "hwm_mb"),
                      _get(fed, "whole", "phases", "eval", "hwm_mb"),
@@ -524,7 +524,8 @@ def run(quick: bool, echo=print) -> str:
         "one client's round and evaluation; its training step is that commit's, so compare "
         "its peak after build, not its round.",
         "",
-        table(["silos", "federation users (nominal)", "silo users (min-max)", "partition peak MB",
+        table(["silos", "federation users (nominal)", "fewest silo users",
+               "most silo users", "partition peak MB",
                "partition s", "whole federation + node, after load MB",
                "whole federation + node, round + eval MB", "own silo only, round + eval MB",
                "old design, after build MB", "old design, round + eval MB"],

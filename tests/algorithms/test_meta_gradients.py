@@ -75,8 +75,8 @@ def test_perfedavg_hf_approximates_one_step_maml():
     model, params, batch, _ = _setup()
     obj = Objective(model)
     maml = MAML(algo_cfg(inner_steps=1, inner_lr=0.05), obj).mean_update(params, batch)
-    hf = PerFedAvg(algo_cfg(variant="hf", inner_lr=0.05, hf_delta=1e-5), obj).mean_update(params, batch)
-    fo = PerFedAvg(algo_cfg(variant="fo", inner_lr=0.05), obj).mean_update(params, batch)
+    hf = PerFedAvg(algo_cfg(name="perfedavg", variant="hf", inner_lr=0.05, hf_delta=1e-5), obj).mean_update(params, batch)
+    fo = PerFedAvg(algo_cfg(name="perfedavg", variant="fo", inner_lr=0.05), obj).mean_update(params, batch)
     err_hf = sum(float((hf[k] - maml[k]).norm() ** 2) for k in maml) ** 0.5
     err_fo = sum(float((fo[k] - maml[k]).norm() ** 2) for k in maml) ** 0.5
     assert err_hf < 1e-4 * max(1.0, err_fo) or err_hf < 0.1 * err_fo

@@ -9,7 +9,8 @@ from opacus.accountants import RDPAccountant
 
 from fedmeta.privacy import accounting
 from fedmeta.privacy.accounting import (RDP_ORDERS, BudgetExceededError, UserLevelAccountant,
-                                        agrees, history_epsilon, independent_epsilon)
+                                        agrees, conservative_epsilon, history_epsilon,
+                                        independent_epsilon)
 
 
 def test_rdp_orders_are_dp_accountings_defaults_and_extend_opacus():
@@ -142,7 +143,7 @@ def test_state_accepts_a_numpy_history():
 
 def test_next_round_is_refused_when_it_would_exceed_target():
     sigma, q, local_steps = 1.0, 0.05, 10
-    target = history_epsilon([(sigma, q, 3 * local_steps)], 1e-5)   # exactly three rounds
+    target = conservative_epsilon([(sigma, q, 3 * local_steps)], 1e-5)   # exactly three rounds
     acc = UserLevelAccountant("rdp", 1e-5, target_epsilon=target)
     for _ in range(3):
         assert acc.can_afford(sigma, q, local_steps)
@@ -157,7 +158,7 @@ def test_next_round_is_refused_when_it_would_exceed_target():
 
 
 def test_steps_beyond_an_approved_round_are_still_checked(monkeypatch):
-    target = history_epsilon([(1.0, 0.05, 10)], 1e-5)
+    target = conservative_epsilon([(1.0, 0.05, 10)], 1e-5)
     acc = UserLevelAccountant("rdp", 1e-5, target_epsilon=target)
     assert acc.can_afford(1.0, 0.05, 10)
     calls = []

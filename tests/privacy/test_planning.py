@@ -117,7 +117,7 @@ def test_planned_run_is_affordable_by_the_accountant_and_no_more():
         for _ in range(local_steps):
             acc.step(sigma, q, 1)
     planned = epsilons_for_noise(sigma, delta, q, rounds * local_steps)
-    assert acc.epsilon() == planned.opacus <= planned.epsilon <= target
+    assert planned.opacus <= acc.epsilon() == planned.epsilon <= target
     assert not acc.can_afford(sigma, q, local_steps)
 
 
