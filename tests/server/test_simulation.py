@@ -163,3 +163,16 @@ def test_simulation_on_an_existing_ray_cluster_on_loopback(tmp_path):
     assert alive                            # the run used the head and left it running
     summary = json.loads((run / "summary.json").read_text())
     assert summary["failures_total"] == 0 and len(summary["client_epsilon"]) == 4
+
+
+@pytest.mark.parametrize("override", [["runtime.device=cuda"],
+                                      ["runtime=inprocess", "runtime.device=cuda:0"]])
+def test_cuda_without_a_gpu_is_refused_in_one_line_before_any_work(tmp_path, override):
+    """No visible CUDA device (``CUDA_VISIBLE_DEVICES=""`` hides any real one): exit 2 with
+    one line naming the key, not a traceback from deep inside a node after the silos are cut."""
+    res = _run(override, tmp_path, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert lines[0].startswith("fedmeta-simulate: runtime.device:") and "CUDA" in lines[0]
+    assert not (tmp_path / "run" / "silos").exists()
