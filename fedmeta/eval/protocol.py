@@ -92,22 +92,8 @@ def evaluate_client(algorithm: Algorithm, params: Params, client: ClientTasks, s
 
 
 def popularity_rows(clients: list[ClientTasks], seed: int) -> list[dict]:
-    """The popularity baseline: rank by how often training users interacted with each item."""
-    rows = []
-    counts: dict[str, torch.Tensor] = {}
-    for c in clients:
-        cnt = counts.setdefault(c.catalog.domain, torch.zeros(c.catalog.n_items))
-        t = c.train.targets[c.train.support | c.train.query]
-        cnt += torch.bincount(t, minlength=c.catalog.n_items + 2)[: c.catalog.n_items].float()
-    for c in clients:
-        pops = [("new-client", c.cold_eval)] if c.partition.new_client else [
-            ("warm", c.warm_eval), ("cold", c.cold_eval)]
-        for population, tasks in pops:
-            gen = torch.Generator().manual_seed(seed)
-            scores = counts[c.catalog.domain].expand(len(tasks), -1)
-            for metric, value in rank_users(scores, tasks, c.catalog.n_items, gen).items():
-                for phase in ("before", "after"):
-                    rows.append({"population": population, "stage": phase,
-                                 "domain": c.catalog.domain, "client": c.client_id,
-                                 "metric": metric, "value": value})
-    return rows
+    """The popularity baseline; it lives with the other baselines in
+    :mod:`fedmeta.eval.baselines` (imported here lazily: that module builds on this one)."""
+    from fedmeta.eval.baselines import popularity_rows as rows
+
+    return rows(clients, seed)
