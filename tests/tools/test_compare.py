@@ -34,3 +34,29 @@ def test_overrides_right_after_methods_are_not_taken_for_method_names(tmp_path):
     assert rc == 0
     runs = pd.read_csv(tmp_path / "compare_runs.csv")
     assert runs["method"].tolist() == ["popularity"]
+
+
+def test_baselines_and_centralised_sit_next_to_the_learners(tmp_path):
+    methods = ["popularity", "item-knn", "ease", "centralised", "fedavg"]
+    rc = main(["--seeds", "0", "--methods", *methods, "--out", str(tmp_path), *SMALL])
+    assert rc == 0
+    runs = pd.read_csv(tmp_path / "compare_runs.csv").set_index("method")
+    assert sorted(runs.index) == sorted(methods)
+    cols = ["cold/ndcg@10", "new-client/ndcg@10", "warm/ndcg@10"]
+    assert runs[cols].notna().all().all() and (runs[cols] >= 0).all().all()
+    # three different scorers on the same users: not three copies of one number
+    assert runs.loc[["popularity", "item-knn", "ease"], "warm/ndcg@10"].nunique() == 3
+    table = (tmp_path / "compare_table.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == [
+        "popularity", "item-knn", "ease", "centralised", "fedavg"]
+    assert (tmp_path / "centralised" / "seed0" / "metrics.csv").is_file()
+
+
+def test_ease_on_a_catalogue_above_its_limit_exits_2(tmp_path, monkeypatch, capsys):
+    from functools import partial
+
+    from fedmeta.eval import baselines
+
+    monkeypatch.setitem(baselines.ROWS, "ease", partial(baselines.ease_rows, max_items=100))
+    assert main(["--seeds", "0", "--methods", "ease", "--out", str(tmp_path), *SMALL]) == 2
+    assert "above the dense EASE limit of 100" in capsys.readouterr().err
