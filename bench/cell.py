@@ -46,7 +46,7 @@ def dp_cell(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     batch = Objective.batch(client.train.subset(idx), client.catalog, cfg.algorithm.negatives,
                             gen, node.device)
-    params = initial_parameters(cfg, node.device)
+    params = initial_parameters(cfg, node.device, node.nc.run["catalogues"])
     algo = node.algorithm
     mode = spec["mode"]
 
@@ -146,7 +146,7 @@ def silo_round_cell(spec: dict) -> dict:
     import fedmeta.runtime.federation as fed_mod
     import fedmeta.runtime.node as node_mod
     from fedmeta.config import to_dict
-    from fedmeta.data.silo import read_silo
+    from fedmeta.data.silo import catalogue_sizes, read_silo
     from fedmeta.data.tasks import TaskTensors
     from fedmeta.runtime.federation import initial_parameters, prepare_nodes
     from fedmeta.runtime.node import Node, node_configs
@@ -157,12 +157,13 @@ def silo_round_cell(spec: dict) -> dict:
     read_s = time.perf_counter() - t0
     real, cache, built = node_mod.build_tasks, {}, []
 
-    def tasks_once(cfg, s):
+    def tasks_once(cfg, s, catalogues=None):
         key = (s.client_id, json.dumps(to_dict(cfg.data), sort_keys=True, default=str),
-               json.dumps(to_dict(cfg.model), sort_keys=True, default=str), cfg.seed)
+               json.dumps(to_dict(cfg.model), sort_keys=True, default=str), cfg.seed,
+               json.dumps(catalogues, sort_keys=True))
         if key not in cache:
             t = time.perf_counter()
-            cache[key] = real(cfg, s)
+            cache[key] = real(cfg, s, catalogues)
             built.append(time.perf_counter() - t)
         return cache[key]
 
@@ -172,8 +173,9 @@ def silo_round_cell(spec: dict) -> dict:
     atexit.register(shutil.rmtree, state, True)
     # the node's own view of the config (what Node passes to build_tasks), so the cache hits
     first = node_configs(_compose([*base, "algorithm=fedavg", "privacy=none"]), [silo.client_id],
-                         Path(spec["silo_dir"]).parent, state / "first")[0]
-    tasks_once(node_mod.experiment_view(first), silo)
+                         Path(spec["silo_dir"]).parent, state / "first",
+                         catalogue_sizes([silo]))[0]
+    tasks_once(node_mod.experiment_view(first), silo, first.run["catalogues"])
     out = {"read_s": read_s, "tasks_s": built[0], "train_users": len(cache[next(iter(cache))].train),
            "rss_loaded_mb": current_rss_mb(), "peak_load_mb": max_rss_mb(), "combos": []}
     sampled: list[int] = []
@@ -192,7 +194,7 @@ def silo_round_cell(spec: dict) -> dict:
         budget_s = time.perf_counter() - t
         node = Node(nc, silo)
         node_s = time.perf_counter() - t - budget_s
-        params = initial_parameters(cfg)
+        params = initial_parameters(cfg, catalogues=nc.run["catalogues"])
         gc.collect()
         trim_heap()      # freed pages of the previous combination back to the OS first
         reset_peak_rss()
@@ -270,8 +272,10 @@ def federation_cell(spec: dict) -> dict:
             marks.append(time.process_time())
         note({**res, **rounds(), "peak_rss_mb": max_rss_mb()})
 
+    catalogues = nodes[0].nc.run["catalogues"]
     driver = RoundDriver(cfg, InProcessTransport(nodes), out,
-                         initial_parameters(cfg, nodes[0].device), echo=echo)
+                         initial_parameters(cfg, nodes[0].device, catalogues), catalogues,
+                         echo=echo)
     t1 = time.perf_counter()
     marks[0] = time.process_time()
     driver.run()

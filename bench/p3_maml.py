@@ -23,7 +23,7 @@ def setup():
     cfg = compose(["runtime=inprocess", "runtime.device=cpu", "data=synthetic_small",
                    "algorithm=maml", "data.max_eval_users=1", "privacy=none"])
     node = build_nodes(cfg, Path(tempfile.mkdtemp(prefix="fedmeta-bench-")))[0]
-    return node, node.tasks, initial_parameters(cfg, node.device)
+    return node, node.tasks, initial_parameters(cfg, node.device, node.nc.run["catalogues"])
 
 
 def batch_of(fed, client, n: int):

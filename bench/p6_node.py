@@ -116,7 +116,7 @@ def whole_cell(spec: dict) -> dict:
     nc.privacy = dataclasses.replace(nc.privacy, enabled=False)
     node = Node(nc, next(s for s in silos if s.client_id == nc.client_id))
     _mark(phases, "node", t0)
-    params = initial_parameters(node.cfg)
+    params = initial_parameters(node.cfg, catalogues=node.nc.run["catalogues"])
     node.train(params, 1, nc.run)
     node.evaluate(params, 1, nc.run)
     _mark(phases, "eval", t0)
@@ -154,7 +154,7 @@ def node_cell(spec: dict) -> dict:
         for t in (tt.inputs, tt.targets, tt.support, tt.query, tt.eval_pos)])
     model_mb = _tensor_mb(list(node.model.parameters()))
     _mark(phases, "node", t0)
-    params = initial_parameters(node.cfg)
+    params = initial_parameters(node.cfg, catalogues=node.nc.run["catalogues"])
     update = node.train(params, 1, nc.run)
     _mark(phases, "train", t0)
     rows = node.evaluate(params, 1, nc.run)
@@ -187,7 +187,7 @@ def step_cell(spec: dict) -> dict:
     nc.privacy = dataclasses.replace(nc.privacy, enabled=False)
     node = Node(nc)
     cfg, tasks = node.cfg, node.tasks
-    params = initial_parameters(cfg)
+    params = initial_parameters(cfg, catalogues=node.nc.run["catalogues"])
     users = min(cfg.algorithm.users_per_step, len(tasks.train))
     batch = Objective.batch(tasks.train.subset(torch.arange(users)), tasks.catalog,
                             cfg.algorithm.negatives, torch.Generator().manual_seed(0), node.device)

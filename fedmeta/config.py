@@ -322,16 +322,40 @@ class ExperimentConfig:
 RUN_DATA_KEYS = ("max_len", "support_fraction", "k_shot", "n_test", "max_eval_users")
 
 
-def run_config(cfg: ExperimentConfig) -> dict:
+def run_config(cfg: ExperimentConfig, catalogues: Any = None) -> dict:
     """The run-level training hyper-parameters server and nodes agree on (JSON-able).
 
     This is all a server sends besides the global arrays and the round: the model it
-    aggregates, the algorithm and its schedule, how tasks are cut from a user's history.
-    Nothing in it says which data a node reads or how private its update is.
+    aggregates, the algorithm and its schedule, how tasks are cut from a user's history,
+    and the federation's catalogue sizes per domain (public, in the federation manifest:
+    they fix the shape of the shared item-ID table). Nothing in it says which data a node
+    reads or how private its update is.
     """
     return {"seed": cfg.seed, "rounds": cfg.runtime.rounds, "model": to_dict(cfg.model),
             "algorithm": to_dict(cfg.algorithm),
-            "tasks": {k: getattr(cfg.data, k) for k in RUN_DATA_KEYS}}
+            "tasks": {k: getattr(cfg.data, k) for k in RUN_DATA_KEYS},
+            "catalogues": check_catalogues(catalogues, cfg.model.item_ids)}
+
+
+def check_catalogues(catalogues: Any, item_ids: str = "none") -> dict[str, int]:
+    """``{domain: number of catalogue items}``, validated; required by ``model.item_ids=shared``
+    (the table has one row per item of every domain, so its size is a fact of the data that
+    server and nodes must agree on, not something either may guess)."""
+    if catalogues is None:
+        if item_ids == "shared":
+            raise ConfigError("model.item_ids=shared: the federation's catalogue sizes are needed "
+                              "to size the shared item-ID table (pass catalogues=...)")
+        return {}
+    if not isinstance(catalogues, dict):
+        raise ConfigError(f"run.catalogues: expected {{domain: items}}, got {type(catalogues).__name__}")
+    out = {}
+    for domain, n in catalogues.items():
+        if not isinstance(domain, str) or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"run.catalogues.{domain}: {n!r} is not a catalogue size (int >= 0)")
+        out[domain] = n
+    if item_ids == "shared" and not out:
+        raise ConfigError("model.item_ids=shared: the federation lists no catalogue")
+    return dict(sorted(out.items()))
 
 
 def run_config_diff(mine: dict, theirs: Any, prefix: str = "") -> list[str]:

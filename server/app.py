@@ -67,12 +67,12 @@ def run_server(grid: Grid, run_config: dict, echo=print) -> dict:
     if not federation:
         raise ConfigError("run_config.federation: the directory of federation.json is needed "
                           "(write it with fedmeta-partition)")
-    clients, _ = read_manifest(federation)
+    clients, catalogues = read_manifest(federation)
     stop_after = int(run_config.get("stop-after", 0) or 0) or None
     device = resolve_device(cfg.runtime.device)
     log.info("fedmeta ServerApp: %d clients, outputs in %s", len(clients), out_dir.resolve())
     driver = RoundDriver(cfg, FlowerTransport(grid, clients, cfg.runtime.timeout), out_dir,
-                         initial_parameters(cfg, device), echo=echo)
+                         initial_parameters(cfg, device, catalogues), catalogues, echo=echo)
     return driver.run(stop_after)
 
 

@@ -33,7 +33,7 @@ def toy_client(n_users: int = 12, max_len: int = 10, seed: int = 0) -> ClientTas
 
 
 def tiny_model(max_len: int = 10, seed: int = 0):
-    model = build_model(ModelConfig(size="tiny"), max_len, seed=seed)
+    model = build_model(ModelConfig(size="tiny", item_ids="none"), max_len, seed=seed)
     return model, meta_parameters(model)
 
 

@@ -48,10 +48,10 @@ from pfl.metrics import Metrics, Weighted  # noqa: E402
 from pfl.model.pytorch import PyTorchModel  # noqa: E402
 from pfl.privacy import CentrallyAppliedPrivacyMechanism, GaussianMechanism  # noqa: E402
 
-from bench.peer.workload import describe, load, shared_config  # noqa: E402
+from bench.peer.workload import catalogues, describe, load, shared_config  # noqa: E402
 from fedmeta.algorithms import Objective, build_algorithm  # noqa: E402
 from fedmeta.eval.protocol import evaluate_client  # noqa: E402
-from fedmeta.model.recommender import build_model  # noqa: E402
+from fedmeta.model.recommender import build_model, shared_item_rows  # noqa: E402
 
 PREFIX = "net."
 
@@ -169,7 +169,8 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     a = cfg.algorithm
     training = [c for c in clients if not c.partition.new_client and len(c.train)]
-    net = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed)
+    net = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed,
+                      item_rows=shared_item_rows(cfg.model, catalogues(clients)))
     net.train()
     module = Recommender(net)
     datasets = {c.client_id: ClientData(c, module.objective, a.local_steps, a.negatives,

@@ -72,18 +72,22 @@ def build_clients(cfg) -> list:
     from fedmeta.data.schema import filter_min_interactions, validate
     from fedmeta.data.synthetic import SyntheticConfig, generate
     from fedmeta.data.tasks import Catalog, build_client_tasks, user_sequences
-    from fedmeta.model.features import HashFeaturizer, featurize_items
+    from fedmeta.model.features import HashFeaturizer, SharedItemIds, featurize_items
 
     d = cfg.data
     data = validate(generate(SyntheticConfig(**{"seed": d.seed, **d.synthetic})), "synthetic")
     data = filter_min_interactions(data, d.min_interactions, "synthetic")
     featurizer = HashFeaturizer(MODEL_SIZES[cfg.model.size].vocab, cfg.model.max_tokens_per_item)
     catalogs, seqs = {}, {}
+    sizes = {domain: len(data.domain(domain).items) for domain in data.domains}
+    layout = SharedItemIds.for_catalogues(sizes) if cfg.model.item_ids == "shared" else None
     for domain in data.domains:
         dom = data.domain(domain)
         items = dom.items.sort_values("item", kind="stable").reset_index(drop=True)
-        catalogs[domain] = Catalog(domain, items["item"].tolist(),
-                                   featurize_items(items, featurizer, dom.attribute_columns))
+        feats = featurize_items(items, featurizer, dom.attribute_columns)
+        if layout is not None:              # the node's own column layout (build_tasks)
+            feats = layout.with_ids(feats, domain)
+        catalogs[domain] = Catalog(domain, items["item"].tolist(), feats)
         seqs[domain] = user_sequences(dom.interactions, catalogs[domain])
     parts = []
     for spec in d.clients:
@@ -98,6 +102,11 @@ def build_clients(cfg) -> list:
                                d.support_fraction, d.n_test, d.k_shot, d.max_eval_users,
                                seed=cfg.seed + i)
             for i, p in enumerate(parts)]
+
+
+def catalogues(clients: list) -> dict[str, int]:
+    """The federation's catalogue sizes (what sizes the shared item-ID table)."""
+    return dict(sorted({c.catalog.domain: c.catalog.n_items for c in clients}.items()))
 
 
 def describe(clients: list) -> dict:

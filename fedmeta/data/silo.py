@@ -68,6 +68,17 @@ def make_silos(data: InteractionData, parts: list[ClientPartition]) -> list[Silo
     return silos
 
 
+def catalogue_sizes(silos: list[Silo]) -> dict[str, int]:
+    """``{domain: catalogue items}`` of a federation: what its manifest publishes."""
+    sizes: dict[str, int] = {}
+    for silo in silos:
+        n = int(len(silo.data.items))
+        if sizes.setdefault(silo.partition.domain, n) != n:
+            raise DataError(f"silos of domain {silo.partition.domain!r} disagree on the catalogue "
+                            f"size ({sizes[silo.partition.domain]} vs {n} at {silo.client_id})")
+    return dict(sorted(sizes.items()))
+
+
 def silo_dir(root: str | Path, client_id: str) -> Path:
     return Path(root) / client_id.replace("/", "_")
 
@@ -76,7 +87,7 @@ def write_silos(silos: list[Silo], root: str | Path) -> Path:
     """One directory per silo plus the manifest; returns ``root``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    catalogues: dict[str, int] = {}
+    catalogues = catalogue_sizes(silos)
     clients = []
     for order, silo in enumerate(silos):
         d = silo_dir(root, silo.client_id)
@@ -85,11 +96,10 @@ def write_silos(silos: list[Silo], root: str | Path) -> Path:
         silo.data.items.to_parquet(d / "items.parquet", index=False)
         part = asdict(silo.partition)
         write_json(d / "silo.json", {"format": SILO_FORMAT, **part})
-        catalogues[silo.partition.domain] = int(len(silo.data.items))
         clients.append(asdict(ClientEntry(silo.client_id, silo.partition.domain,
                                           bool(silo.partition.new_client), order)))
     write_json(root / MANIFEST, {"format": SILO_FORMAT, "clients": clients,
-                                   "catalogues": dict(sorted(catalogues.items()))})
+                                   "catalogues": catalogues})
     log.info("wrote %d silos to %s", len(silos), root)
     return root
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from fedmeta.config import MODEL_SIZES, ModelConfig
+from fedmeta.config import MODEL_SIZES, ConfigError, ModelConfig
+from fedmeta.model.features import SharedItemIds
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,16 @@ def minilm_dir() -> Path:
     return packaged_path("minilm")
 
 
+def shared_item_rows(cfg: ModelConfig, catalogues: Mapping[str, int] | None) -> int:
+    """Rows of the shared item-ID table for these catalogue sizes (0 when it is off)."""
+    if cfg.item_ids != "shared":
+        return 0
+    if not catalogues:
+        raise ConfigError("model.item_ids=shared: the federation's catalogue sizes are needed "
+                          "to size the shared item-ID table")
+    return SharedItemIds.for_catalogues(catalogues).rows
+
+
 def build_model(cfg: ModelConfig, max_len: int, seed: int = 0, private_rows: int = 0,
                 item_rows: int = 0) -> SequenceRecommender:
     """Same seed -> same weights on every process, so frozen parts agree across the federation.
@@ -181,8 +193,8 @@ def build_model(cfg: ModelConfig, max_len: int, seed: int = 0, private_rows: int
     torch.manual_seed(seed)
     vocab = MODEL_SIZES[cfg.size].vocab
     if cfg.item_ids == "shared" and item_rows <= 0:
-        log.warning("model.item_ids=shared but no item_rows given: building the model without "
-                    "the shared item-ID table (pass build_model(..., item_rows=N))")
+        raise ConfigError("model.item_ids=shared needs the size of the shared item-ID table "
+                          "(build_model(..., item_rows=shared_item_rows(cfg, catalogues)))")
     rows = item_rows if cfg.item_ids == "shared" else 0
     model = SequenceRecommender(bert_config(cfg, max_len), vocab, private_rows, rows)
     model.loss_kind = cfg.loss        # read by Objective: which batches its loss expects

@@ -75,7 +75,9 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 class RoundDriver:
     def __init__(self, cfg: ExperimentConfig, transport: Transport, out_dir: str | Path,
-                 initial: Params, echo=print):
+                 initial: Params, catalogues: dict[str, int] | None = None, echo=print):
+        """``catalogues``: the federation's catalogue sizes (its manifest's), sent in the run
+        config; ``initial`` must have been built for them (``initial_parameters``)."""
         self.cfg, self.transport, self.echo = cfg, transport, echo
         self.out_dir = Path(out_dir)
         self.server = MetaServer(cfg, initial)
@@ -83,7 +85,7 @@ class RoundDriver:
         self.privacy: dict[str, dict] = {}
         self.secret = check_secret(cfg.runtime.reproducible_secret, "runtime.reproducible_secret")
         self.start = 1
-        self.run_cfg = run_config(cfg)
+        self.run_cfg = run_config(cfg, catalogues)
 
     # ---- checkpoints ----------------------------------------------------------------------
     @property

@@ -15,8 +15,8 @@ import torch
 from fedmeta.config import ConfigError, ExperimentConfig
 from fedmeta.data.partition import ClientPartition, partition_domain
 from fedmeta.data.schema import DataError, InteractionData, filter_min_interactions, validate
-from fedmeta.data.silo import Silo, make_silos, write_silos
-from fedmeta.model.recommender import build_model, meta_parameters
+from fedmeta.data.silo import Silo, catalogue_sizes, make_silos, write_silos
+from fedmeta.model.recommender import build_model, meta_parameters, shared_item_rows
 from fedmeta.privacy.ledger import declared_population
 from fedmeta.runtime.node import NodeConfig, build_tasks, init_budget, node_configs
 from fedmeta.runtime.node import experiment_view as nc_view
@@ -95,10 +95,12 @@ def build_silos(cfg: ExperimentConfig, data: InteractionData | None = None) -> l
     return make_silos(data, partitions(cfg, data))
 
 
-def initial_parameters(cfg: ExperimentConfig, device: torch.device | None = None
-                       ) -> dict[str, torch.Tensor]:
-    """The seeded initial meta-parameters: built from the run config alone, no user data."""
-    model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed)
+def initial_parameters(cfg: ExperimentConfig, device: torch.device | None = None,
+                       catalogues: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """The seeded initial meta-parameters: built from the run config and the federation's
+    public catalogue sizes (they size the shared item-ID table), no user data."""
+    model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed,
+                        item_rows=shared_item_rows(cfg.model, catalogues))
     return {k: v.detach().clone().to(device or "cpu") for k, v in meta_parameters(model).items()}
 
 
@@ -110,14 +112,15 @@ def prepare_nodes(cfg: ExperimentConfig, silos: list[Silo], silo_root: str | Pat
     keeps the budgets its nodes' ledgers hold (and a node whose ledger is gone refuses)."""
     if write:
         write_silos(silos, silo_root)
-    configs = node_configs(cfg, [s.client_id for s in silos], silo_root, state_root)
+    configs = node_configs(cfg, [s.client_id for s in silos], silo_root, state_root,
+                           catalogue_sizes(silos))
     if cfg.privacy.local.enabled and cfg.privacy.local.population is None:
         # the engine plays every node's operator: it declares each silo's population once, in
         # the node's own file (rounded up on the 1-2-5 series), so nodes never derive released
         # values from their data
         for nc, silo in zip(configs, silos):
             nc.privacy.population = declared_population(
-                max(1, len(build_tasks(nc_view(nc), silo).train)))
+                max(1, len(build_tasks(nc_view(nc), silo, nc.run["catalogues"]).train)))
     if fresh and cfg.privacy.local.enabled:
         for nc, silo in zip(configs, silos):
             init_budget(nc, silo, reset=Path(nc.state_dir).exists())

@@ -67,6 +67,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, nodes: list[Node] | None = N
     """Train for ``cfg.runtime.rounds`` rounds (or stop after ``stop_after``, to simulate a kill)."""
     out_dir = Path(out_dir)
     nodes = nodes if nodes is not None else build_nodes(cfg, out_dir)
+    catalogues = nodes[0].nc.run["catalogues"]
     driver = RoundDriver(cfg, InProcessTransport(nodes), out_dir,
-                         initial_parameters(cfg, nodes[0].device), echo=echo)
+                         initial_parameters(cfg, nodes[0].device, catalogues), catalogues,
+                         echo=echo)
     return driver.run(stop_after)

@@ -31,13 +31,15 @@ import torch
 from fedmeta.algorithms import build_algorithm
 from fedmeta.algorithms.base import ClientUpdate, Step
 from fedmeta.algorithms.objective import Objective
-from fedmeta.config import (MODEL_SIZES, ConfigError, ExperimentConfig, LocalDPConfig, resolve,
-                            run_config, run_config_diff, to_dict)
+from fedmeta.config import (MODEL_SIZES, ConfigError, ExperimentConfig, LocalDPConfig,
+                            check_catalogues, resolve, run_config, run_config_diff, to_dict)
 from fedmeta.data.silo import Silo, read_silo
 from fedmeta.data.tasks import Catalog, build_client_tasks, user_sequences
 from fedmeta.eval.protocol import evaluate_client
-from fedmeta.model.features import HashFeaturizer, TokenizerFeaturizer, featurize_items, with_item_ids
-from fedmeta.model.recommender import build_model, meta_parameters, minilm_dir, private_parameters
+from fedmeta.model.features import (HashFeaturizer, SharedItemIds, TokenizerFeaturizer,
+                                    featurize_items, with_item_ids)
+from fedmeta.model.recommender import (build_model, meta_parameters, minilm_dir,
+                                      private_parameters, shared_item_rows)
 from fedmeta.privacy.accounting import BudgetExceededError
 from fedmeta.privacy.ledger import LedgerError, PrivacyLedger, make_plan
 from fedmeta.privacy.randomness import check_secret, torch_generator
@@ -117,9 +119,10 @@ class NodeConfig:
 
 
 def node_configs(cfg: ExperimentConfig, client_ids: list[str], silo_root: str | Path,
-                 state_root: str | Path) -> list[NodeConfig]:
+                 state_root: str | Path, catalogues: dict[str, int] | None = None
+                 ) -> list[NodeConfig]:
     """The simulation engine's one-time derivation of every node's own config."""
-    run = run_config(cfg)
+    run = run_config(cfg, catalogues)
     return [NodeConfig(cid, str(Path(silo_root) / cid.replace("/", "_")),
                        str(Path(state_root) / cid.replace("/", "_")), run,
                        LocalDPConfig(**to_dict(cfg.privacy.local)), cfg.runtime.device,
@@ -164,10 +167,13 @@ class Node:
         if silo.client_id != nc.client_id:
             raise ConfigError(f"silo_dir: {nc.silo_dir} holds client {silo.client_id!r}, "
                               f"not {nc.client_id!r}")
-        self.tasks = build_tasks(self.cfg, silo)
+        catalogues = check_catalogues(nc.run.get("catalogues"), self.cfg.model.item_ids)
+        self.tasks = build_tasks(self.cfg, silo, catalogues)
         private_rows = self.tasks.catalog.n_items + 3 if self.cfg.model.private_item_embeddings else 0
         self.model = build_model(self.cfg.model, self.cfg.data.max_len, seed=self.cfg.seed,
-                                 private_rows=private_rows).to(self.device)
+                                 private_rows=private_rows,
+                                 item_rows=shared_item_rows(self.cfg.model, catalogues)
+                                 ).to(self.device)
         self.model.train()
         self.algorithm = build_algorithm(self.cfg.algorithm, Objective(self.model))
         # every round's table is kept: a resume may go back to any checkpointed round
@@ -295,12 +301,23 @@ class Node:
         return rows
 
 
-def build_tasks(cfg: ExperimentConfig, silo: Silo):
-    """Silo -> the node's user tasks (catalogue features, support/query splits)."""
+def build_tasks(cfg: ExperimentConfig, silo: Silo, catalogues: dict[str, int] | None = None):
+    """Silo -> the node's user tasks (catalogue features, support/query splits).
+
+    ``catalogues``: the federation's catalogue sizes (the run config's), which place this
+    domain's items in the shared item-ID table; without them (counting users only, as the
+    budget set-up does) the features carry no shared-ID column."""
     d, featurizer = cfg.data, featurizer_for(cfg)
     dom = silo.data
     items = dom.items.sort_values("item", kind="stable").reset_index(drop=True)
     feats = featurize_items(items, featurizer, dom.attribute_columns)
+    if cfg.model.item_ids == "shared" and catalogues:
+        domain = silo.partition.domain
+        if catalogues.get(domain) != len(items):
+            raise ConfigError(f"run.catalogues.{domain}: the run config says "
+                              f"{catalogues.get(domain)} items, but this node's silo "
+                              f"({silo.client_id}) has {len(items)}")
+        feats = SharedItemIds.for_catalogues(catalogues).with_ids(feats, domain)
     if cfg.model.private_item_embeddings:
         feats = with_item_ids(feats)
     catalog = Catalog(silo.partition.domain, items["item"].tolist(), feats)
@@ -324,7 +341,7 @@ def init_budget(nc: NodeConfig, silo: Silo | None = None, reset: bool = False) -
         return None
     cfg = experiment_view(nc)
     silo = silo if silo is not None else read_silo(nc.silo_dir)
-    tasks = build_tasks(cfg, silo)
+    tasks = build_tasks(cfg, silo, nc.run.get("catalogues"))
     if len(tasks.train) == 0:
         return None                  # a new client never trains: nothing to account
     return PrivacyLedger.create(nc.state_dir, nc.client_id, plan_for(nc, cfg, len(tasks.train)),

@@ -342,14 +342,18 @@ class ModelFillers:
 
     def __init__(self, setup: "AuditSetup"):
         from fedmeta.algorithms import FedAvg, Objective
-        from fedmeta.model.recommender import build_model, meta_parameters
+        from fedmeta.data.silo import catalogue_sizes
+        from fedmeta.model.recommender import build_model, meta_parameters, shared_item_rows
         from fedmeta.runtime.federation import build_silos
         from fedmeta.runtime.hydra_config import compose
         from fedmeta.runtime.node import build_tasks
 
         cfg = compose([*self.OVERRIDES, f"seed={setup.seed}"])
-        self.tasks = build_tasks(cfg, build_silos(cfg)[0])
-        model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed)
+        silos = build_silos(cfg)
+        sizes = catalogue_sizes(silos)
+        self.tasks = build_tasks(cfg, silos[0], sizes)
+        model = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed,
+                            item_rows=shared_item_rows(cfg.model, sizes))
         self.like = {k: v.detach().clone() for k, v in meta_parameters(model).items()}
         self.algorithm, self.objective = FedAvg(cfg.algorithm, Objective(model)), Objective
         self.negatives, self.n = cfg.algorithm.negatives, len(self.tasks.train)

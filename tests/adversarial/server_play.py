@@ -73,6 +73,7 @@ class Federation:
 
 
 def build_federation(root: Path) -> Federation:
+    from fedmeta.data.silo import catalogue_sizes
     from fedmeta.runtime.federation import build_silos, initial_parameters
     from fedmeta.runtime.hydra_config import compose
     from fedmeta.runtime.node import build_tasks, experiment_view
@@ -80,16 +81,17 @@ def build_federation(root: Path) -> Federation:
     cfg = compose(TINY)
     silos = build_silos(cfg)
     silo_root = write_silos(silos, root / "silos")
-    run = run_config(cfg)
+    sizes = catalogue_sizes(silos)
+    run = run_config(cfg, sizes)
     n_users, n_items = {}, {}
     for s in silos:
         if s.partition.new_client:
             continue
         nc = NodeConfig(s.client_id, str(silo_root / s.client_id), str(root / "unused"), run)
-        tasks = build_tasks(experiment_view(nc), s)
+        tasks = build_tasks(experiment_view(nc), s, sizes)
         n_users[s.client_id] = len(tasks.train)
         n_items[s.client_id] = tasks.catalog.n_items
-    return Federation(cfg, run, silo_root, initial_parameters(cfg), n_users, n_items,
+    return Federation(cfg, run, silo_root, initial_parameters(cfg, catalogues=sizes), n_users, n_items,
                       {s.client_id: s for s in silos})
 
 

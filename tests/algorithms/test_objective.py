@@ -24,8 +24,8 @@ def _setup(private: bool, loss: str = "full"):
         client.catalog = Catalog(cat.domain, cat.items,
                                  with_item_ids(layout.with_ids(cat.feats, cat.domain)))
         rows, item_rows = cat.n_items + 3, layout.rows
-    model = build_model(ModelConfig(size="tiny", loss=loss), 10, seed=0, private_rows=rows,
-                        item_rows=item_rows)
+    model = build_model(ModelConfig(size="tiny", loss=loss, item_ids="shared" if private else "none"),
+                        10, seed=0, private_rows=rows, item_rows=item_rows)
     params = {**meta_parameters(model), **private_parameters(model)}
     if private:   # tables that are not zero, so that they matter
         for i, name in enumerate(k for k in params if k.startswith(("items.private", "items.ids"))):
@@ -91,7 +91,7 @@ def test_evaluation_scores_on_the_cut_equal_the_full_computation(steps, monkeypa
 
 def _loss_setup(loss="full"):
     client = toy_client()
-    model = build_model(ModelConfig(size="tiny", loss=loss), 10, seed=0).double()
+    model = build_model(ModelConfig(size="tiny", loss=loss, item_ids="none"), 10, seed=0).double()
     params = {k: v.double() for k, v in meta_parameters(model).items()}
     return model, client, params
 

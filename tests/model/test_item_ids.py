@@ -12,7 +12,8 @@ from fedmeta.config import ConfigError, ModelConfig
 from fedmeta.data.partition import ClientPartition
 from fedmeta.data.tasks import Catalog, ClientTasks, training_tasks
 from fedmeta.model.features import SharedItemIds, with_item_ids
-from fedmeta.model.recommender import build_model, meta_parameters, private_parameters
+from fedmeta.model.recommender import (build_model, meta_parameters, private_parameters,
+                                      shared_item_rows)
 from tests.helpers import algo_cfg, toy_client
 
 NAME = "items.ids.weight"
@@ -61,10 +62,13 @@ def test_a_zero_table_scores_exactly_like_no_table_and_changes_no_other_weight()
                                    Objective(shared).batch_loss(p_shared, b, "query"))
 
 
-def test_without_rows_the_model_says_so_and_builds_no_table(caplog):
-    with caplog.at_level(logging.WARNING):
-        model = build_model(ModelConfig(size="tiny"), 10, seed=0)
-    assert NAME not in meta_parameters(model) and "item_rows" in caplog.text
+def test_without_rows_the_shared_table_is_refused_not_dropped():
+    with pytest.raises(ConfigError, match="item_rows"):
+        build_model(ModelConfig(size="tiny"), 10, seed=0)
+    with pytest.raises(ConfigError, match="catalogue sizes"):
+        shared_item_rows(ModelConfig(size="tiny"), {})
+    assert shared_item_rows(ModelConfig(size="tiny", item_ids="none"), None) == 0
+    assert shared_item_rows(ModelConfig(size="tiny"), {"b": 3, "a": 2}) == 6
     assert NAME not in meta_parameters(build_model(ModelConfig(size="tiny", item_ids="none"), 10,
                                                    item_rows=50))
 

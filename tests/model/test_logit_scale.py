@@ -42,7 +42,7 @@ def test_a_fresh_model_starts_within_a_nat_of_the_uniform_loss(seed, loss, synth
     """Uniform = ln(catalogue size): every item competes (full), or the log-Q corrected
     negatives stand for the whole catalogue (sampled)."""
     tasks, catalog = synthetic_tasks
-    model = build_model(ModelConfig(size="tiny", loss=loss), 30, seed=seed)
+    model = build_model(ModelConfig(size="tiny", loss=loss, item_ids="none"), 30, seed=seed)
     batch = Objective(model).batch_for(tasks.subset(range(32)), catalog, NEGATIVES,
                                        torch.Generator().manual_seed(seed), torch.device("cpu"))
     assert ("neg" in batch) == (loss == "sampled")
@@ -58,7 +58,7 @@ def test_the_scale_is_a_meta_parameter_that_moves(synthetic_tasks):
     from torch.func import grad
 
     tasks, catalog = synthetic_tasks
-    model = build_model(ModelConfig(size="tiny"), 30, seed=0)
+    model = build_model(ModelConfig(size="tiny", item_ids="none"), 30, seed=0)
     params = meta_parameters(model)
     assert SCALE in params
     assert torch.allclose(params[SCALE].exp(), torch.tensor(64 ** -0.5))

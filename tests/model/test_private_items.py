@@ -25,9 +25,9 @@ def _private_client(seed=0):
 
 
 def _models():
-    plain = build_model(ModelConfig(size="tiny"), 10, seed=0)
+    plain = build_model(ModelConfig(size="tiny", item_ids="none"), 10, seed=0)
     rows = _private_client().catalog.n_items + 3
-    private = build_model(ModelConfig(size="tiny"), 10, seed=0, private_rows=rows)
+    private = build_model(ModelConfig(size="tiny", item_ids="none"), 10, seed=0, private_rows=rows)
     return plain, private
 
 

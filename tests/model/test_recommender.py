@@ -36,7 +36,8 @@ SIZES = ["tiny", "small", "base", "large", pytest.param(
 
 @pytest.mark.parametrize("size", SIZES)
 def test_opacus_covers_every_trainable_parameter(size):
-    cfg = ModelConfig(size=size, pretrained="minilm" if size == "minilm" else "none")
+    cfg = ModelConfig(size=size, pretrained="minilm" if size == "minilm" else "none",
+                      item_ids="none")     # the table's per-sample grads: test_item_ids
     model = build_model(cfg, max_len=10)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     grads = _per_sample_grads(model, _batch())
@@ -52,7 +53,7 @@ def test_opacus_covers_every_trainable_parameter(size):
 
 @pytest.mark.parametrize("loss", ["full", "sampled"])
 def test_per_sample_gradient_equals_single_user_gradient(loss):
-    model = build_model(ModelConfig(size="tiny", loss=loss), max_len=10).double()
+    model = build_model(ModelConfig(size="tiny", loss=loss, item_ids="none"), max_len=10).double()
     batch = {k: v for k, v in _batch(loss=loss).items()}
     grads = _per_sample_grads(model, batch)
     for u in range(3):
@@ -66,7 +67,7 @@ def test_per_sample_gradient_equals_single_user_gradient(loss):
 
 
 def test_causal_masking_hides_the_future():
-    model = build_model(ModelConfig(size="tiny"), max_len=10).eval()
+    model = build_model(ModelConfig(size="tiny", item_ids="none"), max_len=10).eval()
     b = _batch()
     h1, _ = model(b["seq"], b["attn"], b["cand"])
     seq2 = b["seq"].clone()
@@ -79,7 +80,7 @@ def test_causal_masking_hides_the_future():
 def test_lora_trains_only_adapters():
     from fedmeta.config import LoraConfig
 
-    model = build_model(ModelConfig(size="tiny", lora=LoraConfig(enabled=True, r=2)), max_len=10)
+    model = build_model(ModelConfig(size="tiny", item_ids="none", lora=LoraConfig(enabled=True, r=2)), max_len=10)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     backbone = [n for n in trainable if n.startswith("backbone.")]
     assert backbone and all("lora_" in n for n in backbone)

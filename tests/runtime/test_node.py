@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedmeta.config import ConfigError, run_config
+from fedmeta.data.silo import catalogue_sizes
 from fedmeta.runtime.federation import build_silos, initial_parameters, prepare_nodes
 from fedmeta.runtime.hydra_config import compose
 from fedmeta.runtime.node import DP_REPLY_METRICS, Node, NodeConfig, RunMismatch
@@ -52,7 +53,7 @@ def test_a_node_reads_only_its_own_silo_directory(setup):
 def test_exhausted_budget_stops_training_but_not_evaluation(setup):
     cfg, silos, configs = setup
     node = Node(configs[0], silos[0])
-    params, run = initial_parameters(cfg), run_config(cfg)
+    params, run = initial_parameters(cfg, catalogues=catalogue_sizes(silos)), configs[0].run
     eps = []
     for rnd in (1, 2):                          # the planned run fits the budget exactly
         update = node.train(params, rnd, run)
@@ -72,7 +73,7 @@ def test_exhausted_budget_stops_training_but_not_evaluation(setup):
 def test_a_contradicting_run_config_is_refused_before_any_spend(setup):
     cfg, silos, configs = setup
     node = Node(configs[0], silos[0])
-    params, run = initial_parameters(cfg), run_config(cfg)
+    params, run = initial_parameters(cfg, catalogues=catalogue_sizes(silos)), configs[0].run
     before = node.ledger().steps_charged
     for key, value in (("model", {**run["model"], "size": "small"}),
                        ("algorithm", {**run["algorithm"], "local_steps": 50}),
@@ -89,4 +90,20 @@ def test_a_dp_node_without_a_created_budget_refuses(tmp_path):
     configs = prepare_nodes(cfg, silos, tmp_path / "silos", tmp_path / "state", fresh=False)
     node = Node(configs[0], silos[0])
     with pytest.raises(LedgerError, match="fedmeta-node init"):
-        node.train(initial_parameters(cfg), 1, run_config(cfg))
+        node.train(initial_parameters(cfg, catalogues=catalogue_sizes(silos)), 1, configs[0].run)
+
+
+def test_the_shared_item_table_follows_the_federation_catalogues(setup):
+    cfg, silos, configs = setup
+    node = Node(configs[0], silos[0])
+    sizes = catalogue_sizes(silos)
+    rows = node.model.items.ids.weight.shape[0]
+    assert rows == 1 + sum(sizes.values())        # one row per item of every domain, plus none
+    assert node.tasks.catalog.feats[:, -1].max() < rows
+    wrong = copy.deepcopy(configs[0])
+    wrong.run["catalogues"] = {**sizes, silos[0].partition.domain: sizes[silos[0].partition.domain] + 1}
+    with pytest.raises(ConfigError, match="run.catalogues"):
+        Node(wrong, silos[0])
+    other = {**configs[0].run, "catalogues": {**sizes, "zzz": 5}}
+    with pytest.raises(RunMismatch, match="catalogues"):
+        node.train(initial_parameters(cfg, catalogues=sizes), 1, other)

@@ -86,23 +86,26 @@ def test_more_supernodes_than_clients_fail_the_run_with_the_count(tmp_path):
 
 def test_a_node_refuses_work_meant_for_another_client(tmp_path):
     from fedmeta.config import run_config
+    from fedmeta.data.silo import read_manifest
     from fedmeta.runtime.federation import initial_parameters
     import wire
     from server.simulate import prepare
 
     cfg = compose(TINY + ["runtime=simulation"])
-    _, nodes_dir = prepare(cfg, tmp_path)
+    silo_root, nodes_dir = prepare(cfg, tmp_path)
     client_module._nodes.clear()
     grid = loopback.LoopbackGrid(client_module.app, 1, {0: {"fedmeta-node": str(nodes_dir / "node-0.json")}})
     from flwr.app import Message, MessageType
 
-    msg = Message(wire.instruction(initial_parameters(cfg), 1, run_config(cfg), "social-2"),
+    catalogues = read_manifest(silo_root)[1]
+    msg = Message(wire.instruction(initial_parameters(cfg, catalogues=catalogues), 1,
+                                   run_config(cfg, catalogues), "social-2"),
                   dst_node_id=100, message_type=MessageType.TRAIN)
     reply = grid.send_and_receive([msg])[0]
     assert reply.has_error() and "social-2" in reply.error.reason
     lost = loopback.LoopbackGrid(client_module.app, 1, {0: {"partition-id": 0}})
     lost.ctx[100].node_config.pop("partition-id")
-    reply = lost.send_and_receive([Message(wire.instruction(initial_parameters(cfg), 1, {}, "x"),
+    reply = lost.send_and_receive([Message(wire.instruction(initial_parameters(cfg, catalogues=catalogues), 1, {}, "x"),
                                            dst_node_id=100, message_type=MessageType.TRAIN)])[0]
     assert reply.has_error() and "fedmeta-node" in reply.error.reason
 
