@@ -171,8 +171,17 @@ def independent_epsilon(history: Sequence[Sequence[float]], delta: float,
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n)
         for sigma, q, n in entries])
     acc = RdpAccountant(orders=list(RDP_ORDERS)) if mechanism == "rdp" else PLDAccountant()
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    # dp_accounting logs (through absl) each fractional order whose series it cannot sum and
+    # then leaves that order out: fewer orders can only raise its epsilon, never lower it,
+    # so the note is dropped rather than printed dozens of times per round
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 def conservative_epsilon(history: Sequence[Sequence[float]], delta: float,
