@@ -3,7 +3,9 @@
 ``python -m bench.peer.recbole_sasrec DATASET_DIR OUT.json --seed S [--epochs N]
 [--stopping-step K] [--budget-s T]``: DATASET_DIR is one data set written by
 :mod:`bench.peer.recbole_export` (its atomic files and ``manifest.json``). Prints one JSON
-line and writes it to OUT.json.
+line and writes it to OUT.json: ``epochs_run`` and ``best_epoch`` (1-based), ``stop`` (``early``:
+RecBole's early stop; ``cap``: the epoch cap; ``budget``: out of time, scored at its best
+epoch so far), and per population the figures below.
 
 What is RecBole's: the data set loading (pre-split benchmark files), SASRec with the
 cross-entropy loss over the whole catalogue (``loss_type: CE``, no negative sampling), its
@@ -90,6 +92,7 @@ class ExcludingLoader(FullSortEvalDataLoader):
 def recbole_config(dataset_dir: Path, seed: int, epochs: int, stopping_step: int,
                    max_len: int, checkpoint_dir: str) -> Config:
     name = dataset_dir.name
+    sys.argv = sys.argv[:1]    # RecBole's Config also reads ``--key=value`` from the command line
     return Config(model="SASRec", dataset=name, config_dict={
         "data_path": str(dataset_dir.parent),
         "benchmark_filename": ["train", "valid", "test"],
