@@ -1,0 +1,41 @@
+"""Q2's verdicts are computed from the table, so each target can be met, missed or unmeasured."""
+
+import math
+
+from bench.q2_quality import _peer_records, summarise, verdicts
+
+
+def _rec(method, seed, cold, new, warm):
+    return {"method": method, "seed": seed, "cold/ndcg@10": cold, "new-client/ndcg@10": new,
+            "warm/ndcg@10": warm}
+
+
+def test_summary_is_mean_and_sample_std_per_population():
+    s = summarise([_rec("fedavg", 0, 0.1, 0.2, 0.3), _rec("fedavg", 1, 0.3, 0.2, float("nan"))])
+    mean, sd = s["fedavg"]["cold"]
+    assert math.isclose(mean, 0.2) and math.isclose(sd, math.sqrt(0.02))
+    assert s["fedavg"]["warm"] == (0.3, 0.0) and s["fedavg"]["seeds"] == 2
+
+
+def test_targets_a_and_b_follow_the_numbers():
+    recs = [_rec("popularity", s, 0.10, 0.10, 0.10) for s in (0, 1, 2)]
+    recs += [_rec("item-knn", s, 0.12, 0.05, 0.20) for s in (0, 1, 2)]
+    recs += [_rec("fedavg", s, 0.10 + 0.001 * s, 0.11, 0.15) for s in (0, 1, 2)]
+    recs += [_rec("reptile", s, 0.13 + 0.001 * s, 0.11, 0.15) for s in (0, 1, 2)]
+    out = "\n".join(verdicts("synthetic", summarise(recs)))
+    assert "(a) cold: best federated learner reptile" in out and "**met**" in out
+    assert "(a) warm" in out and "**missed**" in out          # 0.15 < item-knn's 0.20
+    assert "(b) cold: best meta-learner reptile" in out
+    b = [line for line in out.splitlines() if line.startswith("(b)")][0]
+    assert b.endswith("**met**")
+    no_meta = "\n".join(verdicts("synthetic", summarise(recs[:9])))
+    assert "(b) not measured" in no_meta
+
+
+def test_target_c_needs_the_peer_and_the_centralised_rows():
+    recs = [_rec("centralised", 0, 0.050, 0.0, 0.0), _rec("fedavg", 0, 0.040, 0.0, 0.0)]
+    out = verdicts("ml100k", summarise(recs))
+    assert "not measured" in out[0] and out[1].endswith("**missed**")     # 0.040 < 0.85 * 0.05
+    recs += _peer_records([{"seed": 0, "population": "cold", "ndcg@10": 0.054}])
+    out = verdicts("ml100k", summarise(recs))
+    assert out[0].endswith("**met**")                                    # 0.050 >= 0.9 * 0.054
