@@ -80,7 +80,9 @@ def _query_loss(algorithm, training, params, steps):
     return total / n
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+# FedAvg stays in the quick tier (``-m "not slow"``); the meta-learners take 2-4x longer each
+@pytest.mark.parametrize("name", [n if n == "fedavg" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(ALGORITHMS)])
 def test_query_loss_decreases_over_rounds(name, data):
     algorithm, training = _federation(name, data)
     steps = algorithm.cfg.eval_steps

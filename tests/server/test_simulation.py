@@ -58,7 +58,9 @@ def test_simulation_with_ray_writes_every_output_and_leaves_no_process(tmp_path)
     marker = uuid.uuid4().hex
     env = {"FEDMETA_TEST_MARKER": marker}
     try:
-        res = _run(TINY, tmp_path, env=env)
+        # two CPUs per client: one Ray actor at a time on a 2-core machine (each actor holds
+        # torch and a node, ~0.7 GB), so the suite's peak memory stays bounded
+        res = _run(TINY + [f"runtime.num_cpus={min(2, os.cpu_count() or 1)}"], tmp_path, env=env)
     finally:
         left = _leftovers(marker)
         for proc in left:
@@ -140,7 +142,8 @@ def test_simulation_on_an_existing_ray_cluster_on_loopback(tmp_path):
     env.pop("RAY_ADDRESS", None)
     ray = Path(sys.executable).with_name("ray")
     head = subprocess.Popen([str(ray), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                             # one CPU: one client actor at a time (memory, as above)
+                             "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
                              "--block"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
