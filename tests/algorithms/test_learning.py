@@ -101,6 +101,7 @@ def _cold_ndcg(algorithm, clients, params):
     return sum(v * w for v, w in vals) / sum(w for _, w in vals)
 
 
+@pytest.mark.slow
 def test_training_ranks_cold_users_items_better_than_the_untrained_model(data):
     algorithm, training = _federation("fedavg", data)
     untrained = _cold_ndcg(algorithm, data[0], meta_parameters(algorithm.objective.model))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench.run import main
@@ -24,6 +25,7 @@ def test_cuda_refused_before_any_figure_runs(tmp_path, monkeypatch, capsys):
     assert "P1" not in err.out and not out.exists()
 
 
+@pytest.mark.slow   # a fresh interpreter importing the bench stack; the check above is the same code
 def test_cuda_refusal_from_the_command_line_is_one_line_without_traceback(tmp_path):
     res = subprocess.run([str(EXE), "--device", "cuda", "--out", str(tmp_path / "B.md")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,

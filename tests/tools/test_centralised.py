@@ -26,6 +26,7 @@ def evaluation_users(nodes) -> dict:
                           n.tasks.cold_eval.seen) for n in nodes}
 
 
+@pytest.mark.slow
 def test_centralised_evaluates_exactly_the_federated_runs_users(tmp_path):
     fed_cfg = config("algorithm=fomaml", "privacy=local")     # the federated run, under DP
     silos = build_silos(fed_cfg, load_data(fed_cfg))
@@ -39,6 +40,7 @@ def test_centralised_evaluates_exactly_the_federated_runs_users(tmp_path):
     assert any(len(warm) for _, warm, *_ in users.values())
 
 
+@pytest.mark.slow
 def test_centralised_run_reports_the_same_user_counts_as_a_federated_run(tmp_path):
     cfg = config("algorithm=fedavg", "privacy=none")
     silos = build_silos(cfg, load_data(cfg))

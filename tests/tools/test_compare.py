@@ -1,6 +1,7 @@
 """fedmeta-compare: every method runs on the same data and the table reports mean ± std."""
 
 import pandas as pd
+import pytest
 
 from fedmeta.tools.compare import main
 
@@ -36,6 +37,7 @@ def test_overrides_right_after_methods_are_not_taken_for_method_names(tmp_path):
     assert runs["method"].tolist() == ["popularity"]
 
 
+@pytest.mark.slow
 def test_baselines_and_centralised_sit_next_to_the_learners(tmp_path):
     methods = ["popularity", "item-knn", "ease", "centralised", "fedavg"]
     rc = main(["--seeds", "0", "--methods", *methods, "--out", str(tmp_path), *SMALL])

@@ -285,6 +285,7 @@ TINY = ["data=synthetic_small", "runtime.rounds=1", "algorithm.local_steps=1",
         "data.synthetic.social_items=50", "data.max_len=10"]
 
 
+@pytest.mark.slow
 def test_grid_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")     # the runs are subprocesses; keep them lean
     out = tmp_path / "grid"
