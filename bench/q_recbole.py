@@ -134,7 +134,7 @@ def rows_of(res: dict, data: str, wall_s: float) -> list[dict]:
 
 
 def run_recbole(overrides: list[str], seeds: list[int], echo=print, budget_s: float = 7200.0,
-                *, epochs: int = 50, stopping_step: int = 5,
+                *, epochs: int = 100, stopping_step: int = 10,
                 workdir: Path | None = None) -> list[dict]:
     """RecBole SASRec rows for the experiment ``overrides`` describe, one run per domain and
     seed (``seed=S`` appended, so each seed is fedmeta's own split for that seed).
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", choices=sorted(DATA), default="synthetic")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--budget-min", type=float, default=120.0, help="for the whole call")
-    p.add_argument("--epochs", type=int, default=50, help="epoch cap")
-    p.add_argument("--stopping-step", type=int, default=5,
+    p.add_argument("--epochs", type=int, default=100, help="epoch cap")
+    p.add_argument("--stopping-step", type=int, default=10,
                    help="epochs without a better valid NDCG@10 before stopping (RecBole's)")
     p.add_argument("--out", type=Path, help="also write the rows here (JSON)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
