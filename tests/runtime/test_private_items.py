@@ -35,7 +35,6 @@ def _run(cfg, out, data, **kw):
     return nodes, inprocess.run(cfg, out, nodes=nodes, echo=lambda s: None, **kw)
 
 
-@pytest.mark.slow
 def test_tables_stay_on_the_nodes_and_a_resume_is_exact(tmp_path, data):
     cfg = compose(BASE)
     nodes, summary = _run(cfg, tmp_path / "full", data)
