@@ -89,8 +89,8 @@ def test_contrast_rows_and_missing_old_design():
     res = _res({2: 790.0, 8: 795.0})
     del res["fed"]["8"]["old"]
     rows = contrast_rows(res)
-    assert rows[0][:5] == [2, 1000, "480-500", 502, 10.0]
-    assert rows[0][5:] == [522, 792.0, 795.0, 562.0, 802.0]
+    assert rows[0][:6] == [2, 1000, 480, 500, 502, 10.0]
+    assert rows[0][6:] == [522, 792.0, 795.0, 562.0, 802.0]
     assert rows[1][-2:] == ["not run", "not run"]
 
 
