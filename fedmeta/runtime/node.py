@@ -43,7 +43,7 @@ from fedmeta.model.recommender import (build_model, meta_parameters, minilm_dir,
 from fedmeta.privacy.accounting import BudgetExceededError
 from fedmeta.privacy.ledger import LedgerError, PrivacyLedger, make_plan
 from fedmeta.privacy.randomness import check_secret, torch_generator
-from fedmeta.runtime.private_store import PrivateStore
+from fedmeta.runtime.node_state import NodeState
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,9 @@ class Node:
                                  ).to(self.device)
         self.model.train()
         self.algorithm = build_algorithm(self.cfg.algorithm, Objective(self.model))
+        self.state = NodeState(nc.state_dir, nc.client_id)
         # every round's table is kept: a resume may go back to any checkpointed round
-        self.store = (PrivateStore(nc.state_dir, "private", keep=max(2, self.cfg.runtime.rounds + 1))
+        self.store = (self.state.private_table(keep=max(2, self.cfg.runtime.rounds + 1))
                       if private_rows else None)
         log.info("node %s: %d training users, %d cold users, %d catalogue items, device %s, "
                  "local DP %s", nc.client_id, len(self.tasks.train), len(silo.partition.cold_users),
@@ -207,7 +208,7 @@ class Node:
         return plan_for(self.nc, self.cfg, len(self.tasks.train), solve)
 
     def ledger(self) -> PrivacyLedger:
-        return PrivacyLedger.open(self.nc.state_dir, self.client_id, self.plan(solve=False))
+        return self.state.ledger(self.plan(solve=False))
 
     def privacy_report(self, ledger: PrivacyLedger) -> dict[str, float]:
         """What a DP node tells the server of its privacy: functions of its declared
@@ -344,8 +345,8 @@ def init_budget(nc: NodeConfig, silo: Silo | None = None, reset: bool = False) -
     tasks = build_tasks(cfg, silo, nc.run.get("catalogues"))
     if len(tasks.train) == 0:
         return None                  # a new client never trains: nothing to account
-    return PrivacyLedger.create(nc.state_dir, nc.client_id, plan_for(nc, cfg, len(tasks.train)),
-                                reset=reset)
+    return NodeState(nc.state_dir, nc.client_id).create_ledger(
+        plan_for(nc, cfg, len(tasks.train)), reset=reset)
 
 
 __all__ = ["DP_REPLY_METRICS", "LedgerError", "Node", "NodeConfig", "RunMismatch", "build_tasks",

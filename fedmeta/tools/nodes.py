@@ -86,9 +86,17 @@ def node_main(argv: list[str] | None = None) -> int:
             init_budget(nc, reset=True)
             print("budget RESET: earlier releases are no longer counted")
         else:
-            ledger = Node(nc).ledger()
-            print(f"{nc.client_id}: epsilon={ledger.epsilon():.4f} delta={ledger.plan.delta:.3g} "
-                  f"steps={ledger.steps_charged} releases={ledger.seq} resets={ledger.resets}")
+            node = Node(nc)
+            state = node.state.summary()
+            print(f"{nc.client_id}: state {state.directory}; private table rounds "
+                  f"{list(state.private_rounds) or 'none'}")
+            if node.dp:
+                ledger = node.ledger()
+                print(f"{nc.client_id}: epsilon={ledger.epsilon():.4f} "
+                      f"delta={ledger.plan.delta:.3g} steps={ledger.steps_charged} "
+                      f"releases={ledger.seq} resets={ledger.resets}")
+            else:
+                print(f"{nc.client_id}: local DP off: no privacy budget")
     except (ConfigError, DataError, LedgerError) as err:
         print(f"fedmeta-node: {err}", file=sys.stderr)
         return 2
