@@ -1,6 +1,9 @@
 """One measurement in a fresh interpreter: ``python -m bench.cell KIND JSON`` -> one JSON line.
 
-A fresh process per cell keeps peak RSS attributable to that cell alone.
+A fresh process per cell keeps peak RSS attributable to that cell alone. Every cell runs on
+the bench device (:func:`bench.common.bench_device`, passed in by ``run_cell``'s environment);
+its timers synchronise the device and, on CUDA, its peaks include torch's
+``max_memory_allocated`` next to RSS.
 """
 
 from __future__ import annotations
@@ -18,13 +21,19 @@ from pathlib import Path
 
 import torch
 
-from bench.common import current_rss_mb, max_rss_mb, median_time
+from bench.common import (Timer, current_rss_mb, device_overrides, gpu_peak_mb, max_rss_mb,
+                          median_time, reset_gpu_peak, synchronize)
+
+
+def base_overrides(device: str | None = None) -> list[str]:
+    """What every cell's experiment starts from: in-process, on the bench device, no plots."""
+    return ["runtime=inprocess", *device_overrides(device), "runtime.plots=false"]
 
 
 def _compose(overrides: list[str]):
     from fedmeta.runtime.hydra_config import compose
 
-    return compose(["runtime=inprocess", "runtime.device=cpu", "runtime.plots=false", *overrides])
+    return compose([*base_overrides(), *overrides])
 
 
 def dp_cell(spec: dict) -> dict:
@@ -64,14 +73,18 @@ def dp_cell(spec: dict) -> dict:
         def step():
             private.direction(algo, params, batch)
     rss_setup = current_rss_mb()
-    med, times = median_time(step, spec["repeats"], warmup=1)
-    peak = max_rss_mb()
+    step()                      # the warm-up outside the GPU peak window, as for RSS setup
+    synchronize()
+    reset_gpu_peak()
+    med, times = median_time(step, spec["repeats"], warmup=0)
+    peak, gpu_peak = max_rss_mb(), gpu_peak_mb()
     # the plain step again in this process, alternating with the DP step: a ratio taken side
     # by side, which the machine's drift between cells cannot bend
     plain(), step()
     pairs = [(median_time(plain, 1, 0)[0], median_time(step, 1, 0)[0])
              for _ in range(spec["repeats"])]
     out = {"median_s": med, "times": times, "rss_setup_mb": rss_setup, "peak_rss_mb": peak,
+           "peak_gpu_mb": gpu_peak,
            "paired_ratio": statistics.median(d / p for p, d in pairs),
            "params": sum(v.numel() for v in params.values()),
            "table_params": sum(v.numel() for k, v in params.items() if k.startswith("items.tokens"))}
@@ -194,10 +207,11 @@ def silo_round_cell(spec: dict) -> dict:
         budget_s = time.perf_counter() - t
         node = Node(nc, silo)
         node_s = time.perf_counter() - t - budget_s
-        params = initial_parameters(cfg, catalogues=nc.run["catalogues"])
+        params = initial_parameters(cfg, node.device, nc.run["catalogues"])
         gc.collect()
         trim_heap()      # freed pages of the previous combination back to the OS first
         reset_peak_rss()
+        reset_gpu_peak()
         rss0 = current_rss_mb()
         times, cpu, users = [], [], []
         TaskTensors.subset = counting
@@ -206,14 +220,14 @@ def silo_round_cell(spec: dict) -> dict:
                 sampled.clear()
                 # CPU time (one thread): what the round costs, whatever else the machine runs
                 prof = cProfile.Profile(time.process_time) if r == 2 else None
-                t, c = time.perf_counter(), time.process_time()
-                if prof:
-                    prof.enable()
-                node.train(params, r, nc.run)
-                if prof:
-                    prof.disable()
-                times.append(time.perf_counter() - t)
-                cpu.append(time.process_time() - c)
+                with Timer() as clock:
+                    if prof:
+                        prof.enable()
+                    node.train(params, r, nc.run)
+                    if prof:
+                        prof.disable()
+                times.append(clock.s)
+                cpu.append(clock.cpu_s)
                 users.append(sum(sampled))
         finally:
             TaskTensors.subset = subset
@@ -225,6 +239,7 @@ def silo_round_cell(spec: dict) -> dict:
                               "node_s": node_s, "round_s": times, "round_cpu_s": cpu,
                               "sampled": users,
                               "round_peak_mb": max_rss_mb() - rss0, "rss_before_mb": rss0,
+                              "round_gpu_peak_mb": gpu_peak_mb(),
                               "profile": dict(top), "steps": cfg.algorithm.local_steps})
         del node
     out["tasks_builds"] = len(built)
@@ -276,11 +291,12 @@ def federation_cell(spec: dict) -> dict:
     driver = RoundDriver(cfg, InProcessTransport(nodes), out,
                          initial_parameters(cfg, nodes[0].device, catalogues), catalogues,
                          echo=echo)
-    t1 = time.perf_counter()
+    reset_gpu_peak()
     marks[0] = time.process_time()
-    driver.run()
-    return note({**res, "run_s": time.perf_counter() - t1, **rounds(),
-                 "peak_rss_mb": max_rss_mb()})
+    with Timer() as clock:
+        driver.run()
+    return note({**res, "run_s": clock.s, **rounds(), "peak_rss_mb": max_rss_mb(),
+                 "peak_gpu_mb": gpu_peak_mb()})
 
 
 CELLS = {"dp": dp_cell, "silo_build": silo_build_cell, "silo_round": silo_round_cell,

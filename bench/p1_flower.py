@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REPO, table
+from bench.common import REPO, device_overrides, simulation_overrides, table
 
 SIMULATE = str(Path(sys.executable).with_name("fedmeta-simulate"))
 
@@ -28,12 +28,13 @@ def overrides(clients_per_domain: int, rounds: int) -> list[str]:
                               "scheme:iid}" for d in ("ecommerce", "social")) + "]")
     return ["data=synthetic_small", f"data.clients={clients}", f"runtime.rounds={rounds}",
             "algorithm.local_steps=1", "algorithm.users_per_step=8", "data.max_eval_users=5",
-            "runtime.plots=false", "runtime.device=cpu"]
+            "runtime.plots=false", *device_overrides()]
 
 
 def one_run(kind: str, ovr: list[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-p1-{kind}-") as tmp:
-        cmd = [SIMULATE, f"runtime={kind}", *ovr, f"hydra.run.dir={tmp}"]
+        extra = simulation_overrides() if kind == "simulation" else []
+        cmd = [SIMULATE, f"runtime={kind}", *ovr, *extra, f"hydra.run.dir={tmp}"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                               env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
@@ -49,7 +50,9 @@ def one_run(kind: str, ovr: list[str], timeout: float) -> dict:
             "clients": rounds[0]["clients"], "rounds": len(rounds), "cmd": shlex.join(cmd[:-1])}
 
 
-DEFAULT = ["runtime.plots=false", "runtime.device=cpu"]   # the default experiment otherwise
+def default_overrides() -> list[str]:
+    """The default experiment, without plots, on the bench device."""
+    return ["runtime.plots=false", *device_overrides()]
 
 
 def measure(ovr: list[str], repeats: int, echo, label: str) -> dict:
@@ -75,7 +78,7 @@ def run(quick: bool, echo=print) -> str:
     if not quick:
         workloads.insert(0, ("default", "the default experiment (`fedmeta-simulate` with no "
                              "overrides: 8 training clients, 10 rounds of 10 local DP steps)",
-                             DEFAULT))
+                             default_overrides()))
     found = {name: measure(ovr, 1, echo, name) for name, _, ovr in workloads}
     rows, figures = [], []
     for name, _, _ in workloads:

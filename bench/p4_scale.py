@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench.common import run_cell, table
+from bench.common import on_cuda, run_cell, table
 
 SIZES = (1_000, 10_000, 100_000)
 QUICK_SIZES = (200, 400)
@@ -134,7 +134,19 @@ def _cpu(c: dict) -> float:
     return c.get("round_cpu_s", c["round_s"])[0]
 
 
-def round_rows(res: dict) -> list[list]:
+def _work(c: dict, cuda: bool) -> float:
+    """The round's cost the verdicts compare: CPU time on CPU (one thread, not stretched by
+    other processes), wall time on CUDA (the GPU's work is not this process's CPU time)."""
+    return c["round_s"][0] if cuda else _cpu(c)
+
+
+def _gpu(c: dict):
+    return c["round_gpu_peak_mb"] if c.get("round_gpu_peak_mb") is not None else "-"
+
+
+def round_rows(res: dict, cuda: bool = False) -> list[list]:
+    """One row per (silo size, algorithm, privacy); on CUDA a last column adds the round's
+    ``max_memory_allocated``."""
     rows = []
     for (algo, dp), by_n in combo_index(res).items():
         for n, c in sorted(by_n.items()):
@@ -144,18 +156,19 @@ def round_rows(res: dict) -> list[list]:
                          users / t if t > 0 else float("nan"),
                          cpu / max(users, 1) * 1000, c["round_peak_mb"],
                          c["budget_s"] if dp else 0.0,
-                         c["node_s"]])
+                         c["node_s"]] + ([_gpu(c)] if cuda else []))
     return rows
 
 
-def growth(res: dict) -> list[tuple[str, bool, int, int, float]]:
-    """(algorithm, dp, n0, n1, ratio of CPU ms per sampled user, largest / smallest silo)."""
+def growth(res: dict, cuda: bool = False) -> list[tuple[str, bool, int, int, float]]:
+    """(algorithm, dp, n0, n1, ratio of CPU ms per sampled user, largest / smallest silo);
+    wall ms on CUDA (:func:`_work`)."""
     out = []
     for (algo, dp), by_n in combo_index(res).items():
         if len(by_n) < 2:
             continue
         n0, n1 = min(by_n), max(by_n)
-        per = [_cpu(by_n[n]) / max(by_n[n]["sampled"][0], 1) for n in (n0, n1)]
+        per = [_work(by_n[n], cuda) / max(by_n[n]["sampled"][0], 1) for n in (n0, n1)]
         out.append((algo, dp, n0, n1, per[1] / per[0]))
     return out
 
@@ -201,11 +214,12 @@ def one_off_text(res: dict) -> str:
             f"{r0['build']['peak_rss_mb']:.0f} -> {r1['build']['peak_rss_mb']:.0f} MB.")
 
 
-def verdicts(res: dict) -> list[str]:
+def verdicts(res: dict, cuda: bool = False) -> list[str]:
     out = []
-    for algo, dp, n0, n1, ratio in growth(res):
+    for algo, dp, n0, n1, ratio in growth(res, cuda):
         grew = ratio > GROWTH
-        line = (f"{algo}, privacy={_label(dp)}: CPU time per sampled user x{ratio:.2f} from "
+        what = "wall time" if cuda else "CPU time"
+        line = (f"{algo}, privacy={_label(dp)}: {what} per sampled user x{ratio:.2f} from "
                 f"{n0:,} to {n1:,} users -> 'cost grows with sampled users, not silo size' "
                 f"**{'missed' if grew else 'met'}**")
         if grew:
@@ -216,11 +230,11 @@ def verdicts(res: dict) -> list[str]:
     return out
 
 
-def federation_rows(feds: dict) -> list[list]:
+def federation_rows(feds: dict, cuda: bool = False) -> list[list]:
     rows = []
     for kind, r in feds.items():
         if "clients" not in r:
-            rows.append([kind, f"failed: {r['error']}"] + [""] * 9)
+            rows.append([kind, f"failed: {r['error']}"] + [""] * (9 + cuda))
             continue
         rounds, cpu = r["round_s"], r.get("round_cpu_s", [])
         missing = f"not reached: {r['error']}" if "error" in r else "-"
@@ -228,7 +242,9 @@ def federation_rows(feds: dict) -> list[list]:
                      r["build_s"], r["build_s"] / r["clients"] * 1000,
                      rounds[0] if rounds else missing, cpu[0] if cpu else missing,
                      rounds[1] if len(rounds) > 1 else missing,
-                     r["rss_built_mb"], r["peak_rss_mb"]])
+                     r["rss_built_mb"], r["peak_rss_mb"]]
+                    + ([r["peak_gpu_mb"] if r.get("peak_gpu_mb") is not None else "-"]
+                       if cuda else []))
     return rows
 
 
@@ -236,6 +252,7 @@ def run(quick: bool, echo=print) -> str:
     both = measure(quick, echo)
     res, feds = both["silos"], both["federations"]
     sizes = sorted(res)
+    cuda = on_cuda()
     lines = [
         "## P4 Silo scale",
         "",
@@ -245,7 +262,10 @@ def run(quick: bool, echo=print) -> str:
         "(`algorithm.users_per_step`, the same on every silo; a DP step samples each user with "
         f"q = {USERS_PER_STEP}/population, the population the engine declares for the node: the "
         "1-2-5 value at or above its training users, so about 25 users a step here), tiny "
-        "model, one thread, no evaluation. Data build "
+        "model, one thread, no evaluation"
+        + (", nodes on the GPU (timers synchronise it; verdicts use wall time, since the "
+           "GPU's work is not the process's CPU time; 'round GPU peak MB' is "
+           "torch.cuda.max_memory_allocated over the rounds)" if cuda else "") + ". Data build "
         "and node processes are fresh per silo size; round figures are the node's first round "
         "(a second, profiled round follows), in wall and in CPU time: with one thread, CPU "
         "time is the round's own work, which the other processes on a loaded machine do not "
@@ -267,9 +287,10 @@ def run(quick: bool, echo=print) -> str:
         table(["silo users", "algorithm", "privacy", "declared population", "sampled users",
                "round s", "round CPU s", "users/s",
                "CPU ms per sampled user", "round peak above load MB", "budget s (one-off)",
-               "node build s"], round_rows(res)),
+               "node build s"] + (["round GPU peak MB"] if cuda else []),
+              round_rows(res, cuda)),
         "",
-        *[f"- {v}" for v in verdicts(res)],
+        *[f"- {v}" for v in verdicts(res, cuda)],
         "",
         f"Profiled round (cProfile, own time): the functions whose time grew most from "
         f"{sizes[0]:,} to {sizes[-1]:,} users, per combination:" if len(sizes) > 1 else "",
@@ -287,7 +308,8 @@ def run(quick: bool, echo=print) -> str:
         table(["federation", "clients", "training clients", "median users per client",
                "build s", "build ms per client", "training round s",
                "training round CPU s", "round with eval s",
-               "RSS built MB", "peak RSS MB"], federation_rows(feds)),
+               "RSS built MB", "peak RSS MB"] + (["peak GPU MB"] if cuda else []),
+              federation_rows(feds, cuda)),
     ]
     return "\n".join(lines)
 

@@ -13,6 +13,11 @@ runs of this invocation; every simulator evaluates after its last round only. Th
 in-process trains with ``runtime.num_cpus=1`` torch thread, the simulation runs two one-CPU
 actors side by side, and the peer runs its cohort sequentially in one process with one torch
 thread, as many as the in-process loop.
+
+Device: every simulator runs on the bench device (``--device``). fedmeta gets it as
+``runtime.device`` (the simulation also asks Ray for a GPU share per actor); the peer reads the
+same ``runtime.device`` from the workload for its batches and evaluation and is started with
+``PFL_PYTORCH_DEVICE`` set to it, pfl 0.6's switch for where its model's tensors live.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REPO, table
+from bench.common import (REPO, bench_device, device_overrides, on_cuda, simulation_overrides,
+                          table)
 from bench.peer import install
 from bench.peer.workload import config_differences
 
@@ -52,7 +58,7 @@ def overrides(quick: bool, privacy: str) -> list[str]:
            "privacy.central.noise_multiplier=0.5", "privacy.central.clipping_norm=1.0"]
           if privacy == "central" else ["privacy=none"])
     return ["algorithm=fedavg", "model=tiny", *base, *dp, "runtime.fraction_train=1.0",
-            "runtime.eval_every=0", "runtime.plots=false", "runtime.device=cpu"]
+            "runtime.eval_every=0", "runtime.plots=false", *device_overrides()]
 
 
 def round_stats(rounds: list[dict]) -> dict:
@@ -111,7 +117,8 @@ def _tail(proc) -> str:
 
 def run_fedmeta(kind: str, ovr: list[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-p5-{kind}-") as tmp:
-        cmd = [SIMULATE, f"runtime={kind}", *ovr, f"hydra.run.dir={tmp}"]
+        extra = simulation_overrides() if kind == "simulation" else []
+        cmd = [SIMULATE, f"runtime={kind}", *ovr, *extra, f"hydra.run.dir={tmp}"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                               env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
@@ -127,9 +134,16 @@ def run_fedmeta(kind: str, ovr: list[str], timeout: float) -> dict:
             "sizes": node_sizes(logs), "cmd": shlex.join(cmd[:-1])}
 
 
+def peer_env(threads: int) -> dict[str, str]:
+    """The peer's environment: the repo on its path, its threads, and pfl's device switch
+    set to the bench device (pfl otherwise prefers any GPU it sees, whatever fedmeta uses)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads),
+            "PFL_PYTORCH_DEVICE": bench_device()}
+
+
 def run_peer(workload: Path, threads: int, timeout: float) -> dict:
     cmd = [str(install.python()), "-m", "bench.peer.pfl_fedavg", str(workload), str(threads)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    env = peer_env(threads)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     wall = time.perf_counter() - t0
@@ -218,6 +232,7 @@ def render(found: dict, s: dict) -> str:
     setup = found["setup"]
     text = ["## P5 Side by side with pfl 0.6", "", __doc__.split("\n\n")[1].replace("\n", " "),
             "", __doc__.split("\n\n")[2].replace("\n", " "), "",
+            *([__doc__.split("\n\n")[3].replace("\n", " "), ""] if on_cuda() else []),
             "The peer's venv (made by this command when missing, reused otherwise; this "
             f"invocation {'installed it' if setup['installed'] else 'reused it'}):", "", "```",
             *setup["commands"], "```", "", "fedmeta's runs (privacy off; on: the `privacy=...` "

@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import PYTHON, REPO, current_rss_mb, max_rss_mb, table
+from bench.common import (PYTHON, REPO, current_rss_mb, device_overrides, gpu_peak_mb,
+                          max_rss_mb, on_cuda, synchronize, table)
 
 SILOS = (2, 8, 32)
 USERS_PER_SILO = 500
@@ -38,7 +39,7 @@ def overrides(n_silos: int, users_per_silo: int, quick: bool = False) -> list[st
 
     Half the silos per synthetic domain, ``users_per_silo`` users each (IID split; the
     generator's cold users with a single interaction are dropped by ``min_interactions``,
-    so silos come out a few percent smaller). One torch thread, CPU."""
+    so silos come out a few percent smaller). One torch thread, on the bench device."""
     if n_silos < 2 or n_silos % 2:
         raise ValueError(f"n_silos: {n_silos!r} must be even and >= 2 (half per domain)")
     half = n_silos // 2
@@ -46,7 +47,7 @@ def overrides(n_silos: int, users_per_silo: int, quick: bool = False) -> list[st
                              for d in ("ecommerce", "social")) + "]"
     out = [f"data.synthetic.ecommerce_users={half * users_per_silo}",
            f"data.synthetic.social_users={half * users_per_silo}", f"data.clients={clients}",
-           "runtime.device=cpu", "runtime.threads=1"]
+           *device_overrides(), "runtime.threads=1"]
     if quick:
         out += ["algorithm.local_steps=1", "data.max_eval_users=5"]
     return out
@@ -54,8 +55,14 @@ def overrides(n_silos: int, users_per_silo: int, quick: bool = False) -> list[st
 
 # ---- measurements (run inside the cell process) --------------------------------------------
 def _mark(phases: dict, name: str, t0: float) -> None:
+    """RSS, its high-water mark and seconds since ``t0`` at the end of a phase (the device
+    synchronised first, so a phase's GPU work is in its time); on CUDA also torch's peak
+    allocation so far."""
+    synchronize()
     phases[name] = {"rss_mb": current_rss_mb(), "hwm_mb": max_rss_mb(),
                     "s": time.perf_counter() - t0}
+    if on_cuda():
+        phases[name]["gpu_peak_mb"] = gpu_peak_mb()
 
 
 def _frame_mb(frames) -> float:
@@ -177,6 +184,7 @@ def step_cell(spec: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from bench.cell import reset_peak_rss, trim_heap
+    from bench.common import reset_gpu_peak
     from fedmeta.algorithms.objective import Objective
     from fedmeta.config import MODEL_SIZES
     from fedmeta.runtime.federation import initial_parameters
@@ -194,17 +202,23 @@ def step_cell(spec: dict) -> dict:
     gc.collect()
     trim_heap()
     reset_peak_rss()
+    reset_gpu_peak()
     before = current_rss_mb()
     node.algorithm.mean_update(params, batch)
-    peak = max_rss_mb() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    synchronize()
+    peak, gpu_peak = max_rss_mb() - before, gpu_peak_mb()
+    # on CUDA the step's tensors are device memory: profile that, not the host's
+    cuda = on_cuda()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, profile_memory=True) as prof:
         node.algorithm.mean_update(params, batch)
-    ops = sorted(((e.key, e.self_cpu_memory_usage / 2**20, e.count) for e in prof.key_averages()),
+    mem = (lambda e: e.self_device_memory_usage) if cuda else (lambda e: e.self_cpu_memory_usage)
+    ops = sorted(((e.key, mem(e) / 2**20, e.count) for e in prof.key_averages()),
                  key=lambda r: -r[1])[:5]
     hidden = MODEL_SIZES[cfg.model.size].hidden
     cand = tuple(batch["cand"].shape)
     return {"algorithm": cfg.algorithm.name, "users": users, "cand_shape": list(cand),
-            "step_peak_mb": peak, "top_ops": ops, "hidden": hidden,
+            "step_peak_mb": peak, "step_gpu_peak_mb": gpu_peak, "top_ops": ops, "hidden": hidden,
             # the item-token embeddings of every candidate of every user, float32
             "cand_embeddings_mb": cand[0] * cand[1] * cand[2] * hidden * 4 / 2**20}
 
@@ -351,19 +365,23 @@ def _feds(res: dict) -> list[tuple[int, dict]]:
 MODES = (("plain", "none"), ("dp", "local"))
 
 
-def node_rows(res: dict) -> list[list]:
+def node_rows(res: dict, cuda: bool = False) -> list[list]:
+    """One row per (federation, privacy); on CUDA a last column adds the node's peak
+    ``max_memory_allocated`` after evaluation ("-" where the cell did not record one)."""
     rows = []
     for n, fed in _feds(res):
         for key, label in MODES:
             r = fed.get(key, fed["partition"])
             if "error" in r:
-                rows.append([n, label, f"failed: {r['error']}"] + [""] * 7)
+                rows.append([n, label, f"failed: {r['error']}"] + [""] * (7 + cuda))
                 continue
             ph = r["phases"]
+            gpu = ph["eval"].get("gpu_peak_mb")
             rows.append([n, label, r.get("silo_users", r["train_users"] + r["cold_users"]),
                          r["train_users"], ph["imports"]["rss_mb"],
                          ph["node"]["rss_mb"], ph["train"]["hwm_mb"], ph["eval"]["hwm_mb"],
-                         ph["train"]["s"] - ph["node"]["s"], ph["eval"]["s"] - ph["train"]["s"]])
+                         ph["train"]["s"] - ph["node"]["s"], ph["eval"]["s"] - ph["train"]["s"]]
+                        + ([gpu if gpu is not None else "-"] if cuda else []))
     return rows
 
 
@@ -465,7 +483,9 @@ def step_text(res: dict) -> str:
     ops = "; ".join(f"`{name}` {mb:.0f} MB in {count} calls" for name, mb, count in st["top_ops"])
     b, c, w = st["cand_shape"]
     return (f"One {st['algorithm']} step of {st['users']} users (no DP, node 0 of the smallest "
-            f"federation): its own peak is {st['step_peak_mb']:.0f} MB above the loaded node. "
+            f"federation): its own peak is {st['step_peak_mb']:.0f} MB above the loaded node"
+            + (f" (RSS; on the GPU torch allocated {st['step_gpu_peak_mb']:.0f} MB at peak)"
+               if st.get("step_gpu_peak_mb") is not None else "") + ". "
             f"The full-catalogue loss gives every user the whole catalogue as candidates "
             f"(`cand` {b} x {c} items x {w} tokens, an expanded view), and the item encoder "
             f"embeds it per user: {st['cand_embeddings_mb']:.0f} MB of float32 token embeddings "
@@ -489,15 +509,17 @@ def run(quick: bool, echo=print) -> str:
         "federation is cut once with `fedmeta-partition`; then node 0 (an e-commerce silo) "
         "starts from its node file in a fresh process, builds its budget (local DP: "
         "`init_budget`, as `fedmeta-node init` does), reads its silo, trains one round and "
-        "evaluates once. Peak = the process's VmHWM. Code measured: "
+        "evaluates once. Peak = the process's VmHWM"
+        + (" (on the GPU: also torch.cuda.max_memory_allocated, and the one-step profile "
+           "counts device memory)" if on_cuda() else "") + ". Code measured: "
         f"{res.get('code', code_version())}.",
         "",
         "```", "fedmeta-bench --only P6", "```",
         "",
         table(["silos", "privacy", "silo users", "training users", "RSS after imports MB",
                "RSS after load MB",
-               "peak RSS after round MB", "peak RSS after eval MB", "round s", "eval s"],
-              node_rows(res)),
+               "peak RSS after round MB", "peak RSS after eval MB", "round s", "eval s"]
+              + (["peak GPU MB after eval"] if on_cuda() else []), node_rows(res, on_cuda())),
         "",
         *[f"- {v}" for v in verdicts(res)],
         "",

@@ -2,7 +2,9 @@
 vmapped vs a Python loop over users (``python -m bench.profile_p3 [users]``).
 
 Prints total self CPU time, the number of operator calls and the top operators of each,
-so the P3 ratio can be read against what each path actually executes.
+so the P3 ratio can be read against what each path actually executes. It runs on the bench
+device (``FEDMETA_BENCH_DEVICE``, cpu unless set); on CUDA it also profiles the kernels and
+prints their device time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.common import on_cuda, synchronize
 from bench.p3_maml import batch_of, loop_updates, setup
 
 
@@ -28,11 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in [("vmap", lambda: algo.directions(params, batch)),
                      ("vmap, whole table", lambda: algo.user_updates(params, batch)),
                      ("loop", lambda: loop_updates(algo, params, batch))]:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cuda = on_cuda()
+        with profile(activities=[ProfilerActivity.CPU]
+                     + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             fn()
+            synchronize()
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events) / 1e6
-        print(f"{name}: {users} users, self CPU {total:.2f} s, "
+        gpu = (f", self device {sum(e.self_device_time_total for e in events) / 1e6:.2f} s"
+               if cuda else "")
+        print(f"{name}: {users} users, self CPU {total:.2f} s{gpu}, "
               f"{sum(e.count for e in events)} operator calls")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
             print(f"  {e.key[:36]:36s} {e.self_cpu_time_total / 1e6:7.3f} s  {e.count:7d} calls")

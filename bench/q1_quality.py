@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import table
+from bench.common import device_overrides, table
 from fedmeta.tools.compare import METHODS, compare
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,11 @@ QUICK = ["data=synthetic_small", "runtime.rounds=1", "algorithm.local_steps=1",
 DP = ["privacy=local", "privacy.local.target_epsilon=8"]
 WITHHELD = "stays on the node"
 COLS = [("cold", "ndcg@10"), ("cold", "hr@10"), ("warm", "ndcg@10"), ("warm", "hr@10")]
+
+
+def cell_overrides(base: list[str], data: list[str], dp: list[str]) -> list[str]:
+    """One grid cell's overrides: its budget, data set and privacy, on the bench device."""
+    return [*base, *data, *dp, *device_overrides()]
 
 
 def run(quick: bool, echo=print, budget_s: float = 3000.0) -> str:
@@ -47,7 +52,7 @@ def run(quick: bool, echo=print, budget_s: float = 3000.0) -> str:
                     continue
                 try:
                     with tempfile.TemporaryDirectory(prefix="bench-q1-") as tmp:
-                        frame = compare([method], seeds, [*base, *data, *dp], Path(tmp),
+                        frame = compare([method], seeds, cell_overrides(base, data, dp), Path(tmp),
                                         jobs=1 if quick else 2,
                                         echo=lambda s: log.info("%s", s))
                 except Exception as err:   # a failing cell is reported, the grid goes on
@@ -72,7 +77,8 @@ def run(quick: bool, echo=print, budget_s: float = 3000.0) -> str:
         f"(two seeds side by side, one torch thread each). Reduced cost, otherwise the defaults: "
         + ("; ".join(f"{n}: `{' '.join(QUICK if quick else REDUCED[n])}`" for n, _ in datasets))
         + f" (the budgets of the README's comparison tables, whose no-DP rows these reproduce); "
-        f"DP rows add `{' '.join(DP)}`. Popularity has no DP row (it trains nothing).",
+        f"DP rows add `{' '.join(DP)}`; every cell adds `{' '.join(device_overrides())}`. "
+        "Popularity has no DP row (it trains nothing).",
         "",
         "```", f"fedmeta-bench --only Q1{' --quick' if quick else ''}", "```",
         "",

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import table
+from bench.common import device_overrides, on_cuda, table
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ DATASETS = {
 QUICK = {"synthetic": ["data=synthetic_small", "runtime.rounds=1", "algorithm.local_steps=1",
                        "data.max_eval_users=5", "algorithm.users_per_step=4"]}
 COMMON = ["privacy=none"]
+
+
+def experiment_overrides(data: list[str]) -> list[str]:
+    """A data set's overrides for every row: no DP, fedmeta's rows on the bench device."""
+    return [*COMMON, *device_overrides(), *data]
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -131,7 +136,8 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
     methods = ["popularity", "item-knn", "fedavg"] if quick else METHODS
     deadline = time.time() + budget_s
     parts = []
-    for name, overrides in datasets.items():
+    for name, data in datasets.items():
+        overrides = experiment_overrides(data)
         records, skipped = [], []
         for method in methods:
             if time.time() > deadline:
@@ -139,7 +145,7 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
                 continue
             try:
                 with tempfile.TemporaryDirectory(prefix="bench-q2-") as tmp:
-                    frame = compare([method], seeds, [*COMMON, *overrides], Path(tmp),
+                    frame = compare([method], seeds, overrides, Path(tmp),
                                     jobs=1 if quick else 2, echo=lambda s: log.info("%s", s))
             except Exception as err:   # a failing cell is reported, the table goes on
                 log.exception("Q2 %s %s failed", name, method)
@@ -152,7 +158,7 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
             try:
                 from bench.q_recbole import run_recbole
 
-                for r in _peer_records(run_recbole([*COMMON, *overrides], seeds, echo,
+                for r in _peer_records(run_recbole(overrides, seeds, echo,
                                                    deadline - time.time())):
                     records.append(r)
             except Exception as err:
@@ -163,7 +169,7 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         summary = summarise(records)
         rows = [[m, *(_fmt(summary[m][p]) for p in POPULATIONS), summary[m]["seeds"]]
                 for m in summary]
-        parts += [f"### {name}", "", f"Overrides: `{' '.join([*COMMON, *overrides])}`", "",
+        parts += [f"### {name}", "", f"Overrides: `{' '.join(overrides)}`", "",
                   table(["method", *(f"{p} ndcg@10" for p in POPULATIONS), "seeds"], rows), ""]
         if skipped:
             parts += [f"Not in the table: {'; '.join(skipped)}.", ""]
@@ -178,7 +184,11 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         "trained on the training silos pooled per domain; `recbole-sasrec` is RecBole 1.2.1's "
         "SASRec (CE loss) in its own venv on the exported identical split "
         "(`bench/q_recbole.py`). Target (d) (DP at ε = 8 on silos of ≥ 5,000 users) is not "
-        "measured by this section.",
+        "measured by this section."
+        + (" fedmeta's rows train on the GPU (`runtime.device=cuda`); the RecBole peer's "
+           "runner trains on CPU (`use_gpu: False` in `bench/peer/recbole_sasrec.py`): a "
+           "quality row, which the device does not change beyond float rounding."
+           if on_cuda() else ""),
         "",
         "```", f"fedmeta-bench --only Q2{' --quick' if quick else ''}", "```",
         "",

@@ -9,7 +9,8 @@ which lets one script measure the code before and after a change.
 Every client trains every round (FedAvg-style server SGD at rate 1, no DP), then every client
 is evaluated after ``finetune_steps`` adaptation steps; NDCG@10 is averaged over users of all
 clients (user-weighted), like the README's comparison tables. The popularity baseline ranks
-by training interactions of the same split.
+by training interactions of the same split. ``--device`` (default: the bench device, cpu
+unless ``fedmeta-bench --device`` set it) is where the model trains and is evaluated.
 
     OMP_NUM_THREADS=1 python -m bench.q_model --seeds 0 1 2 --algorithm fedavg \
         --set model.item_ids=shared --label ids
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+from bench.common import bench_device, synchronize
 from fedmeta.algorithms import ServerOptimizer, Step, build_algorithm
 from fedmeta.algorithms.objective import Objective
 from fedmeta.config import AlgorithmConfig, ModelConfig
@@ -96,13 +98,15 @@ def _weighted(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def run(setup: Setup, seed: int, model_opts: dict, algo_opts: dict) -> dict:
+def run(setup: Setup, seed: int, model_opts: dict, algo_opts: dict,
+        device: str | None = None) -> dict:
+    dev = torch.device(device or bench_device())
     torch.manual_seed(seed)
     model_cfg = ModelConfig(**_known(ModelConfig, {"size": "tiny", **model_opts}))
     algo_cfg = AlgorithmConfig(**_known(AlgorithmConfig, algo_opts))
     clients, item_rows = build_clients(setup, seed, model_cfg)
     kwargs = {"item_rows": item_rows} if "item_rows" in inspect.signature(build_model).parameters else {}
-    model = build_model(model_cfg, setup.max_len, seed=seed, **kwargs)
+    model = build_model(model_cfg, setup.max_len, seed=seed, **kwargs).to(dev)
     model.train()
     algorithm = build_algorithm(algo_cfg, Objective(model))
     server = ServerOptimizer(meta_parameters(model), algo_cfg.server_optimizer, algo_cfg.server_lr)
@@ -112,15 +116,16 @@ def run(setup: Setup, seed: int, model_opts: dict, algo_opts: dict) -> dict:
     t0 = time.time()
     first_loss = None
     for _ in range(setup.rounds):
-        updates = [algorithm.client_update(params, c, gen, Step()) for c in training]
+        updates = [algorithm.client_update(params, c, gen, Step(), dev) for c in training]
         if first_loss is None:
             first_loss = sum(u.metrics["train_query_loss"] for u in updates) / len(updates)
         params = server.step(updates)
+    synchronize(dev.type)
     train_s = time.time() - t0
     rows = []
     for i, c in enumerate(clients):
         rows += evaluate_client(algorithm, params, c, algo_cfg.eval_steps, seed + i,
-                                torch.device("cpu"), phases=("after",))
+                                dev, phases=("after",))
     scale = params.get("logit_scale.log.weight")
     return {"seed": seed, "model": _weighted(rows), "popularity": _weighted(popularity_rows(clients, seed)),
             "first_query_loss": first_loss, "train_s": round(train_s, 1),
@@ -149,13 +154,15 @@ def main(argv=None) -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--rounds", type=int, default=Setup.rounds)
     ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: the bench device (cpu unless FEDMETA_BENCH_DEVICE says)")
     args = ap.parse_args(argv)
     model_opts, algo_opts = _parse_sets(args.set)
     algo_opts = {"name": args.algorithm, "local_steps": args.local_steps, **algo_opts}
     setup = Setup(rounds=args.rounds)
     results = []
     for seed in args.seeds:
-        res = run(setup, seed, model_opts, algo_opts)
+        res = run(setup, seed, model_opts, algo_opts, args.device)
         res.update(label=args.label, algorithm=args.algorithm, set=args.set)
         print(json.dumps(res), flush=True)
         results.append(res)

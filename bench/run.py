@@ -3,7 +3,9 @@
 Figures: P1 Flower overhead, P2 DP cost, P3 MAML vectorisation, P4 scale, Q1 quality.
 ``--only`` rewrites just those sections and keeps the others, so the expensive Q1 can be
 run on its own. ``--quick`` shrinks every figure so the whole file is produced in minutes
-(its numbers check the harness, not the code's speed).
+(its numbers check the harness, not the code's speed). ``--device cuda`` runs every figure's
+nodes on the GPU (``runtime.device=cuda`` in every override list and cell) and records the
+GPU and its utilisation in the Machine section; without a visible GPU it refuses in one line.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import machine, table, write_sections
+from bench.common import (DEVICE_ENV, GpuSampler, gpu_facts, machine, on_cuda,
+                          set_bench_device, table, write_sections)
 
 FIGURES = ["P1", "P2", "P3", "P4", "P6", "Q1"]
 ON_REQUEST = ["P5", "Q2"]   # only with --only: P5 and Q2 install a peer into .bench/
@@ -32,9 +35,16 @@ def figure(name: str):
             "P5": p5_peer, "P6": p6_node, "Q2": q2_quality}[name]
 
 
-def machine_section(device: str, argv: list[str], quick: bool) -> str:
+def machine_section(device: str, argv: list[str], quick: bool, gpu: dict | None = None,
+                    sampler: GpuSampler | None = None) -> str:
+    """``gpu``: :func:`bench.common.gpu_facts` (CUDA runs); ``sampler``: the utilisation
+    sampled so far (the section is rewritten after every figure, so it ends up covering
+    the whole invocation)."""
     info = machine()
     info["device"] = device
+    info.update(gpu or {})
+    if sampler is not None:
+        info.update(sampler.summary())
     return "\n".join([
         "## Machine",
         "",
@@ -65,11 +75,29 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("fedmeta-bench: --device cuda but no CUDA device is visible", file=sys.stderr)
             return 2
-        print("fedmeta-bench: figures run on CPU in this version; --device cuda is recorded only",
-              file=sys.stderr)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    before = os.environ.get(DEVICE_ENV)
+    set_bench_device(args.device)   # every section, cell and subprocess reads it from here
+    sampler = GpuSampler().start() if on_cuda(args.device) else None
+    try:
+        return run_figures(args, argv, sampler)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        if before is None:
+            os.environ.pop(DEVICE_ENV, None)
+        else:
+            os.environ[DEVICE_ENV] = before
+
+
+def run_figures(args, argv: list[str], sampler: GpuSampler | None) -> int:
     todo = args.only or (FIGURES if args.quick else FIGURES[:-1])
-    sections = {"machine": machine_section(args.device, argv, args.quick)}
+    gpu = gpu_facts() if sampler is not None else None
+
+    def machine_now() -> str:
+        return machine_section(args.device, argv, args.quick, gpu, sampler)
+
+    sections = {"machine": machine_now()}
     for name in todo:
         t0 = time.time()
         print(f"fedmeta-bench: {name} ...", flush=True)
@@ -89,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(__name__).exception("figure %s failed", name)
             sections[name] = f"## {name}\n\nfailed: {type(err).__name__}: {err}"
         print(f"fedmeta-bench: {name} done in {time.time() - t0:.0f}s", flush=True)
+        if sampler is not None:
+            sections["machine"] = machine_now()
         write_sections(args.out, ORDER, sections, TITLE)
     write_sections(args.out, ORDER, sections, TITLE)
     print(f"fedmeta-bench: wrote {args.out}")

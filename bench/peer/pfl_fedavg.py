@@ -16,6 +16,10 @@ line: per-central-iteration wall seconds, set-up time, final evaluation. What is
   fresh negatives) and the evaluation (``evaluate_client`` on every client, at the last
   iteration, as fedmeta evaluates after its last round).
 
+Device: the workload's ``runtime.device`` (the bench device), for the batches and the
+evaluation; the bench starts this runner with ``PFL_PYTORCH_DEVICE`` set to the same device,
+which is where pfl 0.6 keeps its model's tensors.
+
 One adaptation: pfl evaluates every training user before and after local training on its
 evaluation iterations (always including the first). fedmeta has no such pass, so the
 contexts are cleared of it; evaluation is the shared protocol only.
@@ -56,6 +60,13 @@ from fedmeta.model.recommender import build_model, shared_item_rows  # noqa: E40
 PREFIX = "net."
 
 
+def workload_device(name: str) -> torch.device:
+    """fedmeta's ``runtime.device`` as fedmeta resolves it (``auto``: a GPU when visible)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class Recommender(torch.nn.Module):
     """fedmeta's recommender with the ``loss``/``metrics`` pair pfl's PyTorchModel calls."""
 
@@ -78,9 +89,10 @@ class ClientData(Dataset):
     drawn like fedmeta's ``Step.sample`` (a fresh permutation per step) with fresh negatives;
     ``len`` is the number of training tasks, which ``WeightByDatapoints`` weighs by."""
 
-    def __init__(self, client, objective: Objective, steps: int, negatives: int, seed: int):
+    def __init__(self, client, objective: Objective, steps: int, negatives: int, seed: int,
+                 device: torch.device):
         super().__init__(raw_data=(client.train.inputs,), user_id=client.client_id)
-        self.client, self.steps, self.negatives = client, steps, negatives
+        self.client, self.steps, self.negatives, self.device = client, steps, negatives, device
         self.gen = torch.Generator().manual_seed(seed)
         # the batches the model's loss expects (whole catalogue or sampled negatives), as
         # fedmeta's clients build them; older objectives had one kind only
@@ -94,7 +106,7 @@ class ClientData(Dataset):
         for _ in range(self.steps):
             idx = torch.randperm(n, generator=self.gen)[:min(batch_size, n)]
             yield self.make(self.client.train.subset(idx), self.client.catalog, self.negatives,
-                            self.gen, torch.device("cpu"))
+                            self.gen, self.device)
 
 
 class FedAvgNoTrainEval(FederatedAveraging):
@@ -108,8 +120,9 @@ class FedAvgNoTrainEval(FederatedAveraging):
 class FinalEvaluation(TrainingProcessCallback):
     """fedmeta's evaluation protocol on every client after the last central iteration."""
 
-    def __init__(self, cfg, clients, algorithm, last: int):
+    def __init__(self, cfg, clients, algorithm, last: int, device: torch.device):
         self.cfg, self.clients, self.algorithm, self.last = cfg, clients, algorithm, last
+        self.device = device
         self.rows: list[dict] = []
 
     def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
@@ -119,23 +132,30 @@ class FinalEvaluation(TrainingProcessCallback):
                 seed = zlib.crc32(f"{self.cfg.seed}/{c.client_id}/eval".encode())
                 self.rows += evaluate_client(self.algorithm, params, c,
                                              self.cfg.algorithm.eval_steps, seed,
-                                             torch.device("cpu"))
+                                             self.device)
         return False, Metrics()
 
 
 class RoundClock(TrainingProcessCallback):
     """Wall seconds per central iteration, end to end (last callback, so it includes eval)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.rounds: list[dict] = []
         self.t = None
+        self.device = device
+
+    def now(self) -> float:
+        """The clock, after queued GPU work is done (fedmeta's timers wait for it too)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_train_begin(self, *, model):
-        self.t = time.perf_counter()
+        self.t = self.now()
         return Metrics()
 
     def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
-        now = time.perf_counter()
+        now = self.now()
         self.rounds.append({"round": central_iteration + 1, "seconds": now - self.t})
         self.t = now
         return False, Metrics()
@@ -168,13 +188,15 @@ def main(argv: list[str]) -> int:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     a = cfg.algorithm
+    device = workload_device(cfg.runtime.device)
     training = [c for c in clients if not c.partition.new_client and len(c.train)]
     net = build_model(cfg.model, cfg.data.max_len, seed=cfg.seed,
                       item_rows=shared_item_rows(cfg.model, catalogues(clients)))
-    net.train()
+    net.to(device).train()
     module = Recommender(net)
     datasets = {c.client_id: ClientData(c, module.objective, a.local_steps, a.negatives,
-                                        zlib.crc32(f"peer/{cfg.seed}/{c.client_id}".encode()))
+                                        zlib.crc32(f"peer/{cfg.seed}/{c.client_id}".encode()),
+                                        device)
                 for c in training}
     ids = [c.client_id for c in training]
     federated = FederatedDataset(lambda uid: datasets[uid], get_user_sampler("minimize_reuse", ids))
@@ -187,8 +209,9 @@ def main(argv: list[str]) -> int:
             if central.enabled else [WeightByDatapoints()])
     backend = SimulatedBackend(training_data=federated, val_data=federated, postprocessors=post)
     rounds = cfg.runtime.rounds
-    evaluation = FinalEvaluation(cfg, clients, build_algorithm(a, Objective(net)), rounds - 1)
-    clock = RoundClock()
+    evaluation = FinalEvaluation(cfg, clients, build_algorithm(a, Objective(net)), rounds - 1,
+                                 device)
+    clock = RoundClock(device)
     params = NNAlgorithmParams(central_num_iterations=rounds, evaluation_frequency=rounds,
                                train_cohort_size=len(training), val_cohort_size=0)
     train = NNTrainHyperParams(local_learning_rate=a.local_lr, local_num_epochs=None,
@@ -204,7 +227,7 @@ def main(argv: list[str]) -> int:
            "cohort": len(training), "sizes": describe(clients), "config": shared_config(cfg),
            "central_dp": ({"noise_multiplier": central.noise_multiplier,
                            "clipping_norm": central.clipping_norm} if central.enabled else None),
-           "params": sum(p.numel() for p in trainable),
+           "params": sum(p.numel() for p in trainable), "device": str(device),
            "versions": {"pfl": version("pfl"), "torch": torch.__version__}}
     sys.stdout.write(json.dumps(out, default=float) + "\n")
     return 0
