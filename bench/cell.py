@@ -87,7 +87,9 @@ def dp_cell(spec: dict) -> dict:
            "peak_gpu_mb": gpu_peak,
            "paired_ratio": statistics.median(d / p for p, d in pairs),
            "params": sum(v.numel() for v in params.values()),
-           "table_params": sum(v.numel() for k, v in params.items() if k.startswith("items.tokens"))}
+           "table_params": sum(v.numel() for k, v in params.items() if k.startswith("items.tokens")),
+           "loss": cfg.model.loss, "item_ids": cfg.model.item_ids,
+           "catalogue": client.catalog.n_items}
     if mode == "functorch":   # where the step's time goes: per-user gradients vs clip + noise
         cut = algo.objective.compact(params, batch)      # as PrivateStep.direction does
         per_user = algo.user_updates(cut.params, cut.batch)

@@ -295,3 +295,11 @@ def test_cuda_invocation_sets_the_device_records_the_gpu_and_restores(tmp_path, 
     machine = common.split_sections(out.read_text())["machine"]
     assert "| device | cuda |" in machine and "| GPU | Fake GPU (cuda:0 of 1) |" in machine
     assert "| GPU utilisation during the run | mean 50 %, max 90 % over 4 samples |" in machine
+
+
+def test_p2_names_the_objective_its_cells_composed():
+    from bench.p2_dp import objective_text
+
+    full = objective_text({"loss": "full", "item_ids": "shared", "catalogue": 300})
+    assert "whole catalogue of 300 items" in full and "`model.item_ids=shared`" in full
+    assert "sampled softmax" in objective_text({"loss": "sampled", "item_ids": "none"})
