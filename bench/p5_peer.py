@@ -155,6 +155,38 @@ def run_peer(workload: Path, threads: int, timeout: float) -> dict:
     return out
 
 
+def top_functions(prof: Path, n: int = 6) -> dict:
+    """The ``n`` functions with the most own time in a cProfile dump, with the profiled
+    total (the sum of every function's own time) to give each its share."""
+    import pstats
+
+    st = pstats.Stats(str(prof)).stats
+    total = sum(v[2] for v in st.values())
+    top = sorted(st.items(), key=lambda kv: -kv[1][2])[:n]
+    return {"total_s": total,
+            "top": [[f"{Path(f).name}:{line}({name})", v[2]] for (f, line, name), v in top]}
+
+
+def profile_runs(ovr: list[str], workload: Path, timeout: float) -> dict:
+    """One more run of fedmeta in-process and of the peer (1 thread), each under cProfile:
+    where the time goes, measured, for the section's text."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-p5-prof-") as tmp:
+        cmds = {"inprocess": [sys.executable, "-m", "cProfile", "-o", f"{tmp}/ip.prof", SIMULATE,
+                              "runtime=inprocess", *ovr, f"hydra.run.dir={tmp}/run"],
+                "pfl-1": [str(install.python()), "-m", "cProfile", "-o", f"{tmp}/pfl-1.prof",
+                          "-m", "bench.peer.pfl_fedavg", str(workload), "1"]}
+        for kind, cmd in cmds.items():
+            env = (peer_env(1) if kind == "pfl-1"
+                   else {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  cwd=REPO, env=env)
+            prof = Path(cmd[cmd.index("-o") + 1])
+            out[kind] = (top_functions(prof) if proc.returncode == 0 and prof.exists()
+                         else {"error": f"exit {proc.returncode}: {_tail(proc)}"})
+    return out
+
+
 def measure(quick: bool, echo, repeats: int = 1) -> dict:
     from bench.peer.workload import export
 
@@ -174,7 +206,9 @@ def measure(quick: bool, echo, repeats: int = 1) -> dict:
                 runs[kind].append(res)
                 what = res.get("error") or f"wall {res['wall_s']:.1f}s"
                 echo(f"P5 {privacy} {kind} repeat {rep}: {what}")
-    return {"setup": setup, "runs": found, "quick": quick}
+    profile = profile_runs(overrides(quick, "none"), workdir / "workload-none.pkl", 1800)
+    echo("P5 profiled: " + ", ".join(f"{k} {v.get('total_s', 0):.0f}s" for k, v in profile.items()))
+    return {"setup": setup, "runs": found, "quick": quick, "profile": profile}
 
 
 def _verdict(ratio: float | None, target: float, what: str) -> str:
@@ -277,7 +311,24 @@ def render(found: dict, s: dict) -> str:
                  + "; " + _verdict(s[privacy]["sim_ratio"], TARGET_SIM,
                                    "Flower simulation within 1.5x of pfl") + "."]
         text += [f"- {n}" for n in s[privacy]["notes"]]
+    text += profile_text(found.get("profile", {}))
     return "\n".join(text)
+
+
+def profile_text(profile: dict) -> list[str]:
+    """Where the time goes: the functions with the most own time, per simulator, DP off."""
+    if not profile:
+        return []
+    rows = []
+    for kind, p in profile.items():
+        if "error" in p:
+            rows.append([LABEL[kind], f"profile failed: {p['error']}", "", ""])
+            continue
+        rows += [[LABEL[kind], f"`{f}`", t, f"{t / p['total_s']:.0%}"] for f, t in p["top"]]
+    return ["", "Where the time goes, DP off: one more run of each, under cProfile (whole "
+            "process: start-up, every round and the evaluation; the functions with the most own "
+            "time, and their share of the profiled total):", "",
+            table(["simulator", "function", "own s", "share"], rows)]
 
 
 def run(quick: bool, echo=print) -> str:

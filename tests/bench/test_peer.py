@@ -140,3 +140,20 @@ def test_an_eval_schedule_the_peer_does_not_follow_is_refused():
     cfg = compose(["runtime=inprocess", *p5_peer.overrides(True, "none"), "runtime.eval_every=2"])
     with pytest.raises(WorkloadError, match="eval_every"):
         check_mirrorable(cfg)
+
+
+def test_the_profile_names_the_functions_with_most_own_time(tmp_path):
+    import cProfile
+
+    def busy():
+        return sum(i * i for i in range(200_000))
+
+    prof = tmp_path / "x.prof"
+    cProfile.runctx("busy()", {"busy": busy}, {}, str(prof))
+    got = p5_peer.top_functions(prof, n=3)
+    assert len(got["top"]) == 3 and got["total_s"] > 0
+    assert got["top"][0][1] >= got["top"][1][1] >= got["top"][2][1]      # sorted by own time
+    assert any("genexpr" in f or "busy" in f for f, _ in got["top"])
+    text = "\n".join(p5_peer.profile_text({"inprocess": got,
+                                           "pfl-1": {"error": "exit 1: boom"}}))
+    assert "fedmeta in-process" in text and "profile failed: exit 1: boom" in text
