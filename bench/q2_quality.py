@@ -174,6 +174,12 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         if skipped:
             parts += [f"Not in the table: {'; '.join(skipped)}.", ""]
         parts += [f"- {v}" for v in verdicts(name, summary)] + [""]
+    from bench import q2_dp_curve     # target (d), on what is left of the budget
+
+    left = deadline - time.time()
+    parts += [q2_dp_curve.run(quick, echo, budget_s=max(left, 0.0), seeds=seeds)
+              if left > 0 or quick else
+              "### DP against users per silo (target d)\n\nNot run: the time budget was spent.\n"]
     return "\n".join([
         "## Q2 Quality against baselines",
         "",
@@ -183,8 +189,8 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         "data, partitions and evaluation users per seed; `centralised` is the FedAvg model "
         "trained on the training silos pooled per domain; `recbole-sasrec` is RecBole 1.2.1's "
         "SASRec (CE loss) in its own venv on the exported identical split "
-        "(`bench/q_recbole.py`). Target (d) (DP at ε = 8 on silos of ≥ 5,000 users) is not "
-        "measured by this section."
+        "(`bench/q_recbole.py`). Target (d) (DP at ε = 8 on silos of ≥ 5,000 users) is the "
+        "last table (`bench/q2_dp_curve.py`, run on what is left of the budget)."
         + (" fedmeta's rows train on the GPU (`runtime.device=cuda`); the RecBole peer's "
            "runner trains on CPU (`use_gpu: False` in `bench/peer/recbole_sasrec.py`): a "
            "quality row, which the device does not change beyond float rounding."
