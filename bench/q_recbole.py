@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -66,30 +65,12 @@ def requirements() -> list[list[str]]:
 
 def ensure_venv(venv: Path = VENV, echo=print, timeout: float = 1800) -> dict:
     """Make (or reuse) RecBole's venv; returns whether it installed and the exact commands."""
-    steps = requirements()
-    pip = [str(install.python(venv)), "-m", "pip", "install", "--disable-pip-version-check"]
-    commands = [f"{sys.executable} -m venv {venv}"] + [" ".join([*pip, *s]) for s in steps]
-    if install.ready(venv, steps):
-        probe = subprocess.run([str(install.python(venv)), "-c",
-                                "import recbole.data, torch.utils.tensorboard, colorlog"],
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            return {"installed": False, "commands": commands}
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    log = venv.parent / "recbole-install.log"
-    log.write_text("")
-    echo(f"Q-RecBole: installing RecBole into {venv} (log: {log}); commands:")
-    for c in commands:
-        echo(f"  {c}")
-    (venv / install.MARKER).unlink(missing_ok=True)
     try:
-        install._run([sys.executable, "-m", "venv", str(venv)], log, timeout)
-        for s in steps:
-            install._run([*pip, *s], log, timeout)
+        return install.make_venv(venv, requirements(),
+                                 "import recbole.data, torch.utils.tensorboard, colorlog",
+                                 "recbole", echo, timeout)
     except install.PeerUnavailable as err:
         raise RecBoleUnavailable(str(err)) from None
-    (venv / install.MARKER).write_text(json.dumps(steps))
-    return {"installed": True, "commands": commands}
 
 
 def data_name(overrides: list[str]) -> str:

@@ -72,23 +72,31 @@ def _run(cmd: list[str], log: Path, timeout: float) -> None:
                               f"{errors[-1].strip()[:300]} (log: {log})")
 
 
-def ensure(venv: Path = VENV, echo=print, timeout: float = 1800) -> dict:
-    """Make (or reuse) the venv; returns what was done and the commands, for the report."""
-    steps = requirements()
+def make_venv(venv: Path, steps: list[list[str]], probe: str, name: str, echo=print,
+              timeout: float = 1800) -> dict:
+    """Make (or reuse) a peer's venv: reused when its marker records these very ``steps``
+    and ``probe`` (an import line) runs in it; else rebuilt, logged to ``<name>-install.log``
+    beside it. Returns whether it installed and the exact commands, for the report."""
     pip = [str(python(venv)), "-m", "pip", "install", "--disable-pip-version-check"]
-    commands = [f"{sys.executable} -m venv {venv}"] + [" ".join([*pip, *s]) for s in steps]
+    commands = [f"{sys.executable} -m venv {venv}"] + [" ".join([*pip, *st]) for st in steps]
     if ready(venv, steps):
-        probe = subprocess.run([str(python(venv)), "-c", "import pfl, torch"],
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
+        check = subprocess.run([str(python(venv)), "-c", probe], capture_output=True, text=True)
+        if check.returncode == 0:
             return {"installed": False, "commands": commands}
     venv.parent.mkdir(parents=True, exist_ok=True)
-    log = venv.parent / "pfl-install.log"
+    log = venv.parent / f"{name}-install.log"
     log.write_text("")
-    echo(f"P5: installing the peer into {venv} (log: {log}) ...")
+    echo(f"installing {name} into {venv} (log: {log}); commands:")
+    for c in commands:
+        echo(f"  {c}")
     (venv / MARKER).unlink(missing_ok=True)
     _run([sys.executable, "-m", "venv", str(venv)], log, timeout)
-    for s in steps:
-        _run([*pip, *s], log, timeout)
+    for st in steps:
+        _run([*pip, *st], log, timeout)
     (venv / MARKER).write_text(json.dumps(steps))
     return {"installed": True, "commands": commands}
+
+
+def ensure(venv: Path = VENV, echo=print, timeout: float = 1800) -> dict:
+    """pfl's venv (:func:`make_venv` with pfl's requirements)."""
+    return make_venv(venv, requirements(), "import pfl, torch", "pfl", echo, timeout)
