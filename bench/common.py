@@ -16,10 +16,12 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -361,3 +363,25 @@ def write_sections(path: Path, order: list[str], new: dict[str, str], title: str
         if name in merged:
             parts += [MARK.format(name), merged[name], ""]
     path.write_text("\n".join(parts))
+
+
+SIMULATE = str(Path(PYTHON).with_name("fedmeta-simulate"))
+
+
+def simulate_run(kind: str, overrides: list[str], timeout: float, prefix: str) -> dict:
+    """One ``fedmeta-simulate runtime=<kind>`` run in a scratch run directory: its exit code,
+    wall seconds, ``summary.json`` (None when it wrote none), everything it logged, and the
+    command without the scratch directory (for the section's text)."""
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}-{kind}-") as tmp:
+        extra = simulation_overrides() if kind == "simulation" else []
+        cmd = [SIMULATE, f"runtime={kind}", *overrides, *extra, f"hydra.run.dir={tmp}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+        wall = time.perf_counter() - t0
+        path = Path(tmp) / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else None
+        logs = proc.stdout + proc.stderr + "".join(
+            p.read_text(errors="replace") for p in Path(tmp).glob("*.log"))
+    return {"proc": proc, "wall": wall, "summary": summary, "logs": logs,
+            "cmd": shlex.join(cmd[:-1])}

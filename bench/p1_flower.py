@@ -8,19 +8,10 @@ also evaluates, so only the training-only rounds are compared per client-round.
 
 from __future__ import annotations
 
-import json
-import os
-import shlex
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-from bench.common import REPO, device_overrides, simulation_overrides, table
+from bench.common import device_overrides, simulate_run, table
 
-SIMULATE = str(Path(sys.executable).with_name("fedmeta-simulate"))
 
 
 def overrides(clients_per_domain: int, rounds: int) -> list[str]:
@@ -32,22 +23,16 @@ def overrides(clients_per_domain: int, rounds: int) -> list[str]:
 
 
 def one_run(kind: str, ovr: list[str], timeout: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"bench-p1-{kind}-") as tmp:
-        extra = simulation_overrides() if kind == "simulation" else []
-        cmd = [SIMULATE, f"runtime={kind}", *ovr, *extra, f"hydra.run.dir={tmp}"]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
-        wall = time.perf_counter() - t0
-        summary = Path(tmp) / "summary.json"
-        if proc.returncode != 0 or not summary.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"{kind} run failed (exit {proc.returncode}): {tail[0][:200]}")
-        rounds = json.loads(summary.read_text())["rounds"]
+    run = simulate_run(kind, ovr, timeout, "bench-p1")
+    proc = run["proc"]
+    if proc.returncode != 0 or run["summary"] is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{kind} run failed (exit {proc.returncode}): {tail[0][:200]}")
+    rounds, wall = run["summary"]["rounds"], run["wall"]
     train = [r["seconds"] for r in rounds[:-1]] or [rounds[-1]["seconds"]]
     return {"wall": wall, "round_s": statistics.median(train), "last_s": rounds[-1]["seconds"],
             "outside": wall - sum(r["seconds"] for r in rounds),
-            "clients": rounds[0]["clients"], "rounds": len(rounds), "cmd": shlex.join(cmd[:-1])}
+            "clients": rounds[0]["clients"], "rounds": len(rounds), "cmd": run["cmd"]}
 
 
 def default_overrides() -> list[str]:

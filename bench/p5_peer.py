@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -33,12 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (REPO, bench_device, device_overrides, on_cuda, simulation_overrides,
-                          table)
+from bench.common import (REPO, SIMULATE, bench_device, device_overrides, on_cuda,
+                          simulate_run, table)
 from bench.peer import install
 from bench.peer.workload import config_differences
 
-SIMULATE = str(Path(sys.executable).with_name("fedmeta-simulate"))
 KINDS = ("pfl-1", "inprocess", "simulation")
 LABEL = {"pfl-1": "pfl 0.6, 1 thread", "pfl-2": "pfl 0.6, 2 threads",
          "inprocess": "fedmeta in-process", "simulation": "fedmeta Flower simulation"}
@@ -116,22 +114,14 @@ def _tail(proc) -> str:
 
 
 def run_fedmeta(kind: str, ovr: list[str], timeout: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"bench-p5-{kind}-") as tmp:
-        extra = simulation_overrides() if kind == "simulation" else []
-        cmd = [SIMULATE, f"runtime={kind}", *ovr, *extra, f"hydra.run.dir={tmp}"]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
-        wall = time.perf_counter() - t0
-        path = Path(tmp) / "summary.json"
-        if proc.returncode != 0 or not path.exists():
-            return {"error": f"exit {proc.returncode}: {_tail(proc)}", "cmd": shlex.join(cmd[:-1])}
-        summary = json.loads(path.read_text())
-        logs = proc.stdout + proc.stderr + "".join(
-            p.read_text(errors="replace") for p in Path(tmp).glob("*.log"))
-    return {"rounds": summary["rounds"], "wall_s": wall, "final_metrics": summary["final_metrics"],
-            "config": summary.get("config", {}), "central_dp": has_central_dp(summary),
-            "sizes": node_sizes(logs), "cmd": shlex.join(cmd[:-1])}
+    run = simulate_run(kind, ovr, timeout, "bench-p5")
+    proc, summary = run["proc"], run["summary"]
+    if proc.returncode != 0 or summary is None:
+        return {"error": f"exit {proc.returncode}: {_tail(proc)}", "cmd": run["cmd"]}
+    return {"rounds": summary["rounds"], "wall_s": run["wall"],
+            "final_metrics": summary["final_metrics"], "config": summary.get("config", {}),
+            "central_dp": has_central_dp(summary), "sizes": node_sizes(run["logs"]),
+            "cmd": run["cmd"]}
 
 
 def peer_env(threads: int) -> dict[str, str]:
