@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -21,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (Timer, current_rss_mb, device_overrides, gpu_peak_mb, max_rss_mb,
-                          median_time, reset_gpu_peak, synchronize)
+from bench.common import (Timer, cell_main, current_rss_mb, device_overrides, gpu_peak_mb,
+                          max_rss_mb, median_time, reset_gpu_peak, synchronize)
 
 
 def base_overrides(device: str | None = None) -> list[str]:
@@ -306,11 +304,7 @@ CELLS = {"dp": dp_cell, "silo_build": silo_build_cell, "silo_round": silo_round_
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING)
-    kind, spec = sys.argv[1], json.loads(sys.argv[2])
-    out = CELLS[kind](spec)
-    sys.stdout.write(json.dumps(out) + "\n")
-    return 0
+    return cell_main(CELLS)
 
 
 if __name__ == "__main__":

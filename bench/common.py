@@ -159,12 +159,13 @@ def cell_env() -> dict[str, str]:
             DEVICE_ENV: bench_device()}
 
 
-def run_cell(kind: str, spec: dict, timeout: float) -> dict:
-    """Run ``bench.cell`` for one measurement in a fresh interpreter; JSON back on stdout."""
-    cmd = [PYTHON, "-m", "bench.cell", kind, json.dumps(spec)]
+def run_json(cmd: list[str], timeout: float, cwd: Path | str = REPO,
+             env: dict | None = None) -> dict:
+    """Run one measuring process; its result is the last stdout line starting with '{'.
+    A timeout, a non-zero exit or no result becomes ``{"error": ...}`` with the last line."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env=cell_env())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -172,6 +173,22 @@ def run_cell(kind: str, spec: dict, timeout: float) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"exit {proc.returncode}: {tail[0][:160]}"}
     return json.loads(lines[-1])
+
+
+def run_cell(kind: str, spec: dict, timeout: float) -> dict:
+    """Run ``bench.cell`` for one measurement in a fresh interpreter; JSON back on stdout."""
+    return run_json([PYTHON, "-m", "bench.cell", kind, json.dumps(spec)], timeout,
+                    env=cell_env())
+
+
+def cell_main(cells: dict) -> int:
+    """A cell module's entry point: ``python -m MODULE KIND SPEC_JSON`` prints one JSON line."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    kind, spec = sys.argv[1], json.loads(sys.argv[2])
+    sys.stdout.write(json.dumps(cells[kind](spec)) + "\n")
+    return 0
 
 
 def machine() -> dict[str, str]:

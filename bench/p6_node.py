@@ -21,13 +21,12 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (PYTHON, REPO, current_rss_mb, device_overrides, gpu_peak_mb,
-                          max_rss_mb, on_cuda, synchronize, table)
+from bench.common import (PYTHON, REPO, cell_main, current_rss_mb, device_overrides,
+                          gpu_peak_mb, max_rss_mb, on_cuda, run_json, synchronize, table)
 
 SILOS = (2, 8, 32)
 USERS_PER_SILO = 500
@@ -273,17 +272,8 @@ def old_design(ovr: list[str], timeout: float) -> dict:
 
 # ---- driver ----------------------------------------------------------------------------------
 def _run(cmd: list[str], timeout: float, cwd: Path | str = REPO, env: dict | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                              env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"exit {proc.returncode}: {tail[0][:160]}"}
-    return json.loads(lines[-1])
+    return run_json(cmd, timeout, cwd, {**os.environ, "OMP_NUM_THREADS": "1",
+                                        "FLWR_TELEMETRY_ENABLED": "0", **(env or {})})
 
 
 def code_version() -> str:
@@ -556,13 +546,7 @@ def run(quick: bool, echo=print) -> str:
 
 
 def main() -> int:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    kind, spec = sys.argv[1], json.loads(sys.argv[2])
-    out = CELLS[kind](spec)
-    sys.stdout.write(json.dumps(out) + "\n")
-    return 0
+    return cell_main(CELLS)
 
 
 if __name__ == "__main__":
