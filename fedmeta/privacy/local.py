@@ -115,13 +115,17 @@ class PrivateStep(Step):
                                f"{tuple(per_user[wrong[0]].shape[1:])}, expected "
                                f"{tuple(shapes[wrong[0]])}")
         # a user whose direction is not finite everywhere contributes zero: NaN/Inf would pass
-        # through clipping into the release, an un-noised signal about who was sampled
+        # through clipping into the release, an un-noised signal about who was sampled. A
+        # user's norm over a tensor is finite iff all its entries are (or, past ~1e19, it
+        # overflows: that user is dropped too, which only lowers its influence); one norm
+        # per user reads each tensor once, where an element-wise isfinite + all took 60 % of
+        # a small-model clip-and-noise
         finite = None
         for name in shapes:
             t = per_user[name]
             if t.shape[0] == 0 or t.numel() == 0:     # an empty Poisson sample: nothing to check
                 continue
-            ok = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+            ok = torch.isfinite(torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1))
             finite = ok if finite is None else finite & ok
         opt = self._dp_optimizer(shapes, like)
         for name, slot in self._slots.items():

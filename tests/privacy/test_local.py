@@ -45,6 +45,25 @@ def test_small_updates_are_not_clipped():
     assert torch.allclose(out["a"], per_user["a"].sum(0) / 2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_user_with_a_non_finite_direction_contributes_zero(bad):
+    """NaN or inf in one entry of one user's direction: that user is dropped, the release
+    stays finite and equals the release without that user's direction (same noise draw)."""
+    gen = torch.Generator().manual_seed(3)
+    like = {"a": torch.zeros(5, 3), "b": torch.zeros(7)}
+    per_user = {"a": torch.randn(4, 5, 3, generator=gen), "b": torch.randn(4, 7, generator=gen)}
+    poisoned = {k: v.clone() for k, v in per_user.items()}
+    poisoned["b"][2, 4] = bad
+    zeroed = {k: v.clone() for k, v in per_user.items()}
+    for v in zeroed.values():
+        v[2] = 0.0
+    out = _step(sigma=0.5, n_users=8).privatize(poisoned, like)
+    ref = _step(sigma=0.5, n_users=8).privatize(zeroed, like)
+    for k in like:
+        assert torch.isfinite(out[k]).all()
+        assert torch.equal(out[k], ref[k])
+
+
 def test_noise_std_is_sigma_c_over_expected_batch():
     like = {"a": torch.zeros(200_000)}
     step = _step(sigma=2.0, clip=0.5, n_users=20, q=0.25)    # expected batch 5
