@@ -133,10 +133,11 @@ def run(quick: bool, echo=print) -> str:
         "(`Objective.compact`): the other rows have zero gradient for every user, so Opacus "
         "clips and sums the read rows and the others get their Gaussian noise alone. Under "
         "the full softmax a batch scores every catalogue item, so it reads the token rows of "
-        "the whole catalogue and the cut saves only the rows no item uses (the last column); "
-        "with 64 sampled negatives (the objective of the 2026-12-01 measurement, x1.55 tiny "
-        "and x1.78 small) it read a few hundred. What is left is the per-user gradient of the "
-        "dense transformer layers and of the rows read (one weight gradient per user instead "
-        "of one summed over users) and Opacus's clip and noise over them.",
+        "the whole catalogue (the last column), and the cut skips the rest of the table. What "
+        "is left is the per-user gradient of the dense transformer layers, of the rows read "
+        "and of the shared item-ID table (one weight gradient per user instead of one summed "
+        "over users), and Opacus's clip and noise over them: noise for every coordinate "
+        "cannot be avoided. The paired and unpaired ratios disagree most when the machine is "
+        "loaded (the stamp gives the load).",
     ] + ([""] + notes if notes else [])
     return "\n".join(text)
