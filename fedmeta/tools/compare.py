@@ -80,6 +80,10 @@ def run_one(method: str, seed: int, overrides: list[str], out: Path) -> dict:
     return rec
 
 
+def _run_cell(args: tuple) -> dict:
+    return run_one(*args)
+
+
 def compare(methods: list[str], seeds: list[int], overrides: list[str], out: Path,
             jobs: int = 1, echo=print) -> pd.DataFrame:
     cells = [(m, s) for s in seeds for m in methods]
@@ -99,13 +103,13 @@ def compare(methods: list[str], seeds: list[int], overrides: list[str], out: Pat
             report(run_one(m, s, overrides, out))
     else:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threaded = [*overrides, "runtime.threads=1"]
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, m, s, threaded, out) for m, s in cells]
-            for fut in as_completed(futures):
-                report(fut.result())
+        # a Pool, not an executor: leaving the block (done, a failed cell or Ctrl-C)
+        # terminates the workers at once instead of waiting for their running cells
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            for rec in pool.imap_unordered(_run_cell, [(m, s, threaded, out) for m, s in cells]):
+                report(rec)
     frame = pd.DataFrame(records).sort_values(["method", "seed"]).reset_index(drop=True)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "compare_runs.csv", index=False)
@@ -120,7 +124,10 @@ def table_markdown(frame: pd.DataFrame) -> str:
         set(frame["method"]) - set(METHODS))
     for method in order:
         g = frame[frame["method"] == method]
-        cells = [f"{g[c].mean():.4f} ± {g[c].std(ddof=1) if len(g) > 1 else 0.0:.4f}" for c in cols]
+        # n/a: not measured, e.g. warm users under DP, whose metrics stay on their node
+        cells = ["n/a" if g[c].isna().all() else
+                 f"{g[c].mean():.4f} ± {g[c].std(ddof=1) if len(g) > 1 else 0.0:.4f}"
+                 for c in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -153,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CatalogueTooLarge) as err:
         print(f"fedmeta-compare: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # the worker pool is already gone (compare left its block)
+        print("fedmeta-compare: interrupted; no table written", file=sys.stderr)
+        return 130
     text = table_markdown(frame)
     (args.out / "compare_table.md").write_text(text + "\n")
     print(f"\nmean ± std over seeds {args.seeds} (after adaptation, full-catalogue ranking):\n")

@@ -62,3 +62,26 @@ def test_ease_on_a_catalogue_above_its_limit_exits_2(tmp_path, monkeypatch, caps
     monkeypatch.setitem(baselines.ROWS, "ease", partial(baselines.ease_rows, max_items=100))
     assert main(["--seeds", "0", "--methods", "ease", "--out", str(tmp_path), *SMALL]) == 2
     assert "above the dense EASE limit of 100" in capsys.readouterr().err
+
+
+def test_parallel_cells_give_the_same_rows_as_serial_ones(tmp_path):
+    # --jobs 2 runs each cell in a spawned process of its own; same cells, same numbers
+    args = ["--seeds", "0", "1", "--methods", "popularity", *SMALL]
+    assert main([*args, "--out", str(tmp_path / "serial")]) == 0
+    assert main([*args, "--jobs", "2", "--out", str(tmp_path / "par")]) == 0
+    cols = ["method", "seed", "cold/ndcg@10", "warm/ndcg@10"]
+    serial = pd.read_csv(tmp_path / "serial" / "compare_runs.csv")[cols]
+    par = pd.read_csv(tmp_path / "par" / "compare_runs.csv")[cols]
+    pd.testing.assert_frame_equal(serial, par)
+
+
+def test_a_population_never_measured_is_n_a_not_nan():
+    from fedmeta.tools.compare import table_markdown
+
+    frame = pd.DataFrame({"method": ["fedavg", "fedavg"], "seed": [0, 1],
+                          "cold/ndcg@10": [0.1, 0.2], "cold/hr@10": [0.2, 0.3],
+                          "new-client/ndcg@10": [0.1, 0.1], "new-client/hr@10": [0.2, 0.2],
+                          "warm/ndcg@10": [float("nan")] * 2, "warm/hr@10": [float("nan")] * 2})
+    row = table_markdown(frame).splitlines()[2].split("|")
+    assert row[2].strip() == "0.1500 ± 0.0707"
+    assert [c.strip() for c in row[6:8]] == ["n/a", "n/a"]
