@@ -46,6 +46,11 @@ def experiment_overrides(data: list[str]) -> list[str]:
     return [*COMMON, *device_overrides(), *data]
 
 
+def share(left_s: float, datasets_left: int) -> float:
+    """The seconds one data set may spend: an equal part of what is left of the budget."""
+    return max(left_s, 0.0) / max(datasets_left, 1)
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
@@ -134,9 +139,14 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
     datasets = QUICK if quick else DATASETS
     seeds = seeds or ([0] if quick else [0, 1, 2])
     methods = ["popularity", "item-knn", "fedavg"] if quick else METHODS
-    deadline = time.time() + budget_s
+    final = time.time() + budget_s
     parts = []
-    for name, data in datasets.items():
+    names = list(datasets)
+    for i, (name, data) in enumerate(datasets.items()):
+        # each data set gets an equal share of what is left, so one slow peer run (RecBole
+        # trains to its early stop) cannot starve the data sets after it; target (d) runs on
+        # what the last data set leaves
+        deadline = time.time() + share(final - time.time(), len(names) - i)
         overrides = experiment_overrides(data)
         records, skipped = [], []
         for method in methods:
@@ -176,7 +186,7 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         parts += [f"- {v}" for v in verdicts(name, summary)] + [""]
     from bench import q2_dp_curve     # target (d), on what is left of the budget
 
-    left = deadline - time.time()
+    left = final - time.time()
     parts += [q2_dp_curve.run(quick, echo, budget_s=max(left, 0.0), seeds=seeds)
               if left > 0 or quick else
               "### DP against users per silo (target d)\n\nNot run: the time budget was spent.\n"]
@@ -190,7 +200,9 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         "trained on the training silos pooled per domain; `recbole-sasrec` is RecBole 1.2.1's "
         "SASRec (CE loss) in its own venv on the exported identical split "
         "(`bench/q_recbole.py`). Target (d) (DP at ε = 8 on silos of ≥ 5,000 users) is the "
-        "last table (`bench/q2_dp_curve.py`, run on what is left of the budget)."
+        "last table (`bench/q2_dp_curve.py`, run on what is left of the budget). Each data "
+        "set may spend an equal share of what is left of the budget when it starts (its rows "
+        "and its peer run); rows not started within it are listed as not run."
         + (" fedmeta's rows train on the GPU (`runtime.device=cuda`); the RecBole peer's "
            "runner trains on CPU (`use_gpu: False` in `bench/peer/recbole_sasrec.py`): a "
            "quality row, which the device does not change beyond float rounding."

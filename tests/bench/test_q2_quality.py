@@ -39,3 +39,10 @@ def test_target_c_needs_the_peer_and_the_centralised_rows():
     recs += _peer_records([{"seed": 0, "population": "cold", "ndcg@10": 0.054}])
     out = verdicts("ml100k", summarise(recs))
     assert out[0].endswith("**met**")                                    # 0.050 >= 0.9 * 0.054
+
+
+def test_each_data_set_gets_an_equal_share_of_what_is_left():
+    from bench.q2_quality import share
+
+    assert share(900.0, 3) == 300.0 and share(300.0, 1) == 300.0
+    assert share(-5.0, 2) == 0.0          # a spent budget leaves nothing, never a negative wait
