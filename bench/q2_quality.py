@@ -39,6 +39,8 @@ DATASETS = {
 QUICK = {"synthetic": ["data=synthetic_small", "runtime.rounds=1", "algorithm.local_steps=1",
                        "data.max_eval_users=5", "algorithm.users_per_step=4"]}
 COMMON = ["privacy=none"]
+DP_CURVE = "dp-curve"      # target (d), selectable like a data set
+PARTS = (*DATASETS, DP_CURVE)
 
 
 def experiment_overrides(data: list[str]) -> list[str]:
@@ -133,20 +135,35 @@ def verdicts(name: str, summary: dict) -> list[str]:
     return lines
 
 
-def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | None = None) -> str:
+def selected(parts: list[str] | None, quick: bool) -> tuple[dict, bool, list[str]]:
+    """The data sets and whether the DP curve run, from ``--q2-data`` (``None``: all); and
+    the parts left out, which the section names so a partial run never reads as a whole one."""
+    every = QUICK if quick else DATASETS
+    if parts is None:
+        return dict(every), True, []
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"--q2-data: unknown part(s) {unknown}; choose among {list(PARTS)}")
+    datasets = {n: o for n, o in every.items() if n in parts}
+    left_out = [p for p in PARTS if p not in parts and (p in every or p == DP_CURVE)]
+    return datasets, DP_CURVE in parts, left_out
+
+
+def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | None = None,
+        parts: list[str] | None = None) -> str:
     from fedmeta.tools.compare import METHODS, compare
 
-    datasets = QUICK if quick else DATASETS
+    datasets, with_curve, left_out = selected(parts, quick)
     seeds = seeds or ([0] if quick else [0, 1, 2])
     methods = ["popularity", "item-knn", "fedavg"] if quick else METHODS
     final = time.time() + budget_s
-    parts = []
+    out = []
     names = list(datasets)
     for i, (name, data) in enumerate(datasets.items()):
         # each data set gets an equal share of what is left, so one slow peer run (RecBole
         # trains to its early stop) cannot starve the data sets after it; target (d) runs on
         # what the last data set leaves
-        deadline = time.time() + share(final - time.time(), len(names) - i)
+        deadline = time.time() + share(final - time.time(), len(names) - i + with_curve)
         overrides = experiment_overrides(data)
         records, skipped = [], []
         for method in methods:
@@ -179,17 +196,21 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         summary = summarise(records)
         rows = [[m, *(_fmt(summary[m][p]) for p in POPULATIONS), summary[m]["seeds"]]
                 for m in summary]
-        parts += [f"### {name}", "", f"Overrides: `{' '.join(overrides)}`", "",
+        out += [f"### {name}", "", f"Overrides: `{' '.join(overrides)}`", "",
                   table(["method", *(f"{p} ndcg@10" for p in POPULATIONS), "seeds"], rows), ""]
         if skipped:
-            parts += [f"Not in the table: {'; '.join(skipped)}.", ""]
-        parts += [f"- {v}" for v in verdicts(name, summary)] + [""]
+            out += [f"Not in the table: {'; '.join(skipped)}.", ""]
+        out += [f"- {v}" for v in verdicts(name, summary)] + [""]
     from bench import q2_dp_curve     # target (d), on what is left of the budget
 
     left = final - time.time()
-    parts += [q2_dp_curve.run(quick, echo, budget_s=max(left, 0.0), seeds=seeds)
-              if left > 0 or quick else
-              "### DP against users per silo (target d)\n\nNot run: the time budget was spent.\n"]
+    if with_curve:
+        out += [q2_dp_curve.run(quick, echo, budget_s=max(left, 0.0), seeds=seeds)
+                if left > 0 or quick else "### DP against users per silo (target d)\n\n"
+                "Not run: the time budget was spent.\n"]
+    if left_out:
+        out += [f"Not run in this invocation (`--q2-data` chose {', '.join(parts or [])}): "
+                f"{', '.join(left_out)}; their tables and targets are not measured here.", ""]
     return "\n".join([
         "## Q2 Quality against baselines",
         "",
@@ -210,7 +231,10 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         "",
         "```", f"fedmeta-bench --only Q2{' --quick' if quick else ''}", "```",
         "",
-        *parts,
+        "One data set (or the DP curve) at a time: `--q2-data synthetic` (choices: "
+        f"{', '.join(PARTS)}); the budget is then shared by the chosen parts only.",
+        "",
+        *out,
     ])
 
 

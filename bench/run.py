@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Q1 time budget; cells not started within it are marked not run")
     parser.add_argument("--q2-minutes", type=float, default=300.0,
                         help="Q2 time budget; rows not started within it are marked not run")
+    parser.add_argument("--q2-data", nargs="+", metavar="PART", default=None,
+                        choices=["synthetic", "real_cross_domain", "ml100k", "dp-curve"],
+                        help="Q2 parts to run (default: every data set, then the DP curve); "
+                             "the section names the parts left out")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -107,7 +111,8 @@ def run_figures(args, argv: list[str], sampler: GpuSampler | None) -> int:
             load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
             started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             budgets = {"Q1": args.q1_minutes * 60, "Q2": args.q2_minutes * 60}
-            body = (mod.run(args.quick, echo=echo, budget_s=budgets[name])
+            extra = {"parts": args.q2_data} if name == "Q2" else {}
+            body = (mod.run(args.quick, echo=echo, budget_s=budgets[name], **extra)
                     if name in budgets else mod.run(args.quick, echo=echo))
             # sections outlive the invocation that wrote them (--only keeps the others)
             sections[name] = (f"{body}\n\n_Measured {started} by `fedmeta-bench "

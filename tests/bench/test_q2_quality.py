@@ -46,3 +46,27 @@ def test_each_data_set_gets_an_equal_share_of_what_is_left():
 
     assert share(900.0, 3) == 300.0 and share(300.0, 1) == 300.0
     assert share(-5.0, 2) == 0.0          # a spent budget leaves nothing, never a negative wait
+
+
+def test_a_partial_run_names_what_it_left_out():
+    import pytest
+
+    from bench.q2_quality import PARTS, selected
+
+    datasets, curve, left_out = selected(["synthetic"], quick=False)
+    assert list(datasets) == ["synthetic"] and not curve
+    assert left_out == ["real_cross_domain", "ml100k", "dp-curve"]
+    datasets, curve, left_out = selected(None, quick=False)
+    assert list(datasets) + ["dp-curve"] == list(PARTS) and curve and left_out == []
+    with pytest.raises(ValueError, match="unknown part"):
+        selected(["movielens"], quick=False)
+
+
+def test_the_bench_command_rejects_an_unknown_q2_part(capsys):
+    import pytest
+
+    from bench.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "Q2", "--q2-data", "movielens", "--out", "/nonexistent/never.md"])
+    assert exc.value.code == 2 and "invalid choice: 'movielens'" in capsys.readouterr().err
