@@ -70,6 +70,10 @@ def summarise(records: list[dict]) -> dict[str, dict]:
         rs = [r for r in records if r["method"] == method]
         out[method] = {p: _mean_sd([float(r.get(f"{p}/ndcg@10", float("nan"))) for r in rs])
                        for p in POPULATIONS}
+        # the model as trained, before the evaluation's fine-tuning (baselines: the same)
+        out[method].update({f"before/{p}": _mean_sd(
+            [float(r.get(f"before/{p}/ndcg@10", float("nan"))) for r in rs])
+            for p in POPULATIONS})
         out[method]["seeds"] = len(rs)
     return out
 
@@ -194,10 +198,12 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
         elif not quick:
             skipped.append(PEER)
         summary = summarise(records)
-        rows = [[m, *(_fmt(summary[m][p]) for p in POPULATIONS), summary[m]["seeds"]]
+        rows = [[m, *(_fmt(summary[m][p]) for p in POPULATIONS),
+                 *(_fmt(summary[m][f"before/{p}"]) for p in POPULATIONS), summary[m]["seeds"]]
                 for m in summary]
         out += [f"### {name}", "", f"Overrides: `{' '.join(overrides)}`", "",
-                  table(["method", *(f"{p} ndcg@10" for p in POPULATIONS), "seeds"], rows), ""]
+                  table(["method", *(f"{p} ndcg@10" for p in POPULATIONS),
+                         *(f"{p} ndcg@10 before" for p in POPULATIONS), "seeds"], rows), ""]
         if skipped:
             out += [f"Not in the table: {'; '.join(skipped)}.", ""]
         out += [f"- {v}" for v in verdicts(name, summary)] + [""]
@@ -214,7 +220,8 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
     return "\n".join([
         "## Q2 Quality against baselines",
         "",
-        f"NDCG@10 after adaptation, full-catalogue ranking (support items excluded), mean ± std "
+        f"NDCG@10 after adaptation (and, in the `before` columns, of the model as trained, "
+        "before the evaluation's fine-tuning), full-catalogue ranking (support items excluded), mean ± std "
         f"over seeds {seeds} (`seeds` says how many finished), user-weighted over domains, "
         "no DP. Every row but the peer's comes from `fedmeta.tools.compare` on the same "
         "data, partitions and evaluation users per seed; `centralised` is the FedAvg model "

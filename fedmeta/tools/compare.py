@@ -37,11 +37,15 @@ from fedmeta.runtime.results import domain_table
 METHODS = [*BASELINES, "centralised", "fedavg", "reptile", "fomaml", "maml", "perfedavg"]
 REPORT = [("cold", "ndcg@10"), ("cold", "hr@10"), ("new-client", "ndcg@10"),
           ("new-client", "hr@10"), ("warm", "ndcg@10"), ("warm", "hr@10")]
+# before adaptation, beside the after-adaptation columns: does the fine-tuning help?
+BEFORE = [("cold", "ndcg@10"), ("new-client", "ndcg@10"), ("warm", "ndcg@10")]
 
 
-def overall(table: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """User-weighted mean over domains, after adaptation."""
-    t = table[table["stage"] == "after"].copy()
+def overall(table: pd.DataFrame, stage: str = "after") -> dict[tuple[str, str], float]:
+    """User-weighted mean over domains, after adaptation (or ``stage="before"``: the model as
+    trained, before the evaluation's fine-tuning; the baselines have no fine-tuning, so their
+    two stages are the same numbers)."""
+    t = table[table["stage"] == stage].copy()
     t["w"] = t["value"] * t["users"]
     g = t.groupby(["population", "metric"])[["w", "users"]].sum()
     return {k: row["w"] / row["users"] for k, row in g.iterrows() if row["users"] > 0}
@@ -77,6 +81,8 @@ def run_one(method: str, seed: int, overrides: list[str], out: Path) -> dict:
     vals = overall(table)
     rec = {"method": method, "seed": seed, "seconds": time.time() - t0}
     rec.update({f"{p}/{m}": vals.get((p, m), float("nan")) for p, m in REPORT})
+    before = overall(table, "before")
+    rec.update({f"before/{p}/{m}": before.get((p, m), float("nan")) for p, m in BEFORE})
     return rec
 
 
@@ -117,15 +123,16 @@ def compare(methods: list[str], seeds: list[int], overrides: list[str], out: Pat
 
 
 def table_markdown(frame: pd.DataFrame) -> str:
-    cols = [f"{p}/{m}" for p, m in REPORT]
-    lines = ["| method | " + " | ".join(c.replace("/", " ") for c in cols) + " |",
+    cols = [f"{p}/{m}" for p, m in REPORT] + [f"before/{p}/{m}" for p, m in BEFORE]
+    names = [f"{p} {m}" for p, m in REPORT] + [f"{p} {m} before" for p, m in BEFORE]
+    lines = ["| method | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(cols)]
     order = [m for m in METHODS if m in set(frame["method"])] + sorted(
         set(frame["method"]) - set(METHODS))
     for method in order:
         g = frame[frame["method"] == method]
         # n/a: not measured, e.g. warm users under DP, whose metrics stay on their node
-        cells = ["n/a" if g[c].isna().all() else
+        cells = ["n/a" if c not in g or g[c].isna().all() else
                  f"{g[c].mean():.4f} ± {g[c].std(ddof=1) if len(g) > 1 else 0.0:.4f}"
                  for c in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -165,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     text = table_markdown(frame)
     (args.out / "compare_table.md").write_text(text + "\n")
-    print(f"\nmean ± std over seeds {args.seeds} (after adaptation, full-catalogue ranking):\n")
+    print(f"\nmean ± std over seeds {args.seeds} (after adaptation unless marked "
+          "before, full-catalogue ranking):\n")
     print(text)
     return 0
 

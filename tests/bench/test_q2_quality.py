@@ -15,6 +15,10 @@ def test_summary_is_mean_and_sample_std_per_population():
     mean, sd = s["fedavg"]["cold"]
     assert math.isclose(mean, 0.2) and math.isclose(sd, math.sqrt(0.02))
     assert s["fedavg"]["warm"] == (0.3, 0.0) and s["fedavg"]["seeds"] == 2
+    # before adaptation: its own columns; a row that never reported it (the peer) is nan
+    assert all(math.isnan(v) for v in s["fedavg"]["before/cold"])
+    s = summarise([{**_rec("reptile", 0, 0.2, 0.2, 0.2), "before/cold/ndcg@10": 0.25}])
+    assert s["reptile"]["before/cold"] == (0.25, 0.0) and s["reptile"]["cold"] == (0.2, 0.0)
 
 
 def test_targets_a_and_b_follow_the_numbers():

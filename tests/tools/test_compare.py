@@ -20,8 +20,14 @@ def test_compare_writes_runs_and_table(tmp_path, capsys):
     # different seeds are different data: popularity differs across seeds
     pop = runs[runs["method"] == "popularity"]["cold/ndcg@10"]
     assert pop.nunique() == 2
+    # before adaptation beside after: a baseline has no fine-tuning (the same numbers), a
+    # learner's model as trained is scored too
+    p = runs[runs["method"] == "popularity"]
+    assert (p["before/cold/ndcg@10"] == p["cold/ndcg@10"]).all()
+    assert runs["before/cold/ndcg@10"].between(0, 1).all()
     table = (tmp_path / "compare_table.md").read_text()
     assert "| popularity |" in table and "| fedavg |" in table and "±" in table
+    assert "cold ndcg@10 before" in table.splitlines()[0]
     assert "cold ndcg@10" in capsys.readouterr().out
 
 
