@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the section names the parts left out")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
+    from fedmeta.tools.compare import exit_on_sigterm
+
+    exit_on_sigterm()     # Q1/Q2 run compare's worker pools: a kill must not orphan them
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cuda":
         import torch

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -139,6 +140,16 @@ def table_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: without this the process
+    dies at once and its ``--jobs`` worker processes run on, orphaned, to the end of their
+    cells; as SystemExit it leaves the pool's block, which terminates them."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedmeta-compare", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -162,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmeta-compare: unknown method(s) {unknown}; choose from {known}",
               file=sys.stderr)
         return 2
+    exit_on_sigterm()
     try:
         frame = compare(args.methods, args.seeds, args.overrides, args.out, args.jobs)
     except (ConfigError, DataError, CatalogueTooLarge) as err:

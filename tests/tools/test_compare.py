@@ -91,3 +91,36 @@ def test_a_population_never_measured_is_n_a_not_nan():
     row = table_markdown(frame).splitlines()[2].split("|")
     assert row[2].strip() == "0.1500 ± 0.0707"
     assert [c.strip() for c in row[6:8]] == ["n/a", "n/a"]
+
+
+def test_sigterm_stops_the_workers_too(tmp_path):
+    # a kill of fedmeta-compare --jobs 2 must not leave its pool's workers training on
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "fedmeta.tools.compare", "--jobs", "2", "--seeds", "0", "1",
+           "--methods", "fedavg", "--out", str(tmp_path), *SMALL, "runtime.rounds=50"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            workers = [c for c in parent.children(recursive=True)
+                       if "spawn_main" in " ".join(c.cmdline())]
+            if len(workers) == 2:
+                break
+            time.sleep(0.2)
+        assert len(workers) == 2, "the pool's two workers never started"
+        time.sleep(3)                      # inside their cells
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"workers left running: {[w.pid for w in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
