@@ -91,6 +91,21 @@ def _best(summary: dict, methods, population: str) -> tuple[str | None, tuple[fl
     return max(have, key=lambda kv: kv[1][0])
 
 
+def where_the_gap_is(summary: dict, meta: str) -> str:
+    """Why (b) missed, as far as the table can tell: is the meta-learner behind FedAvg already
+    as trained (the gap is in meta-training) or only after the evaluation's fine-tuning (the
+    adaptation is what loses)?"""
+    mb, fb = summary[meta]["before/cold"][0], summary["fedavg"]["before/cold"][0]
+    ma, fa = summary[meta]["cold"][0], summary["fedavg"]["cold"][0]
+    if math.isnan(mb) or math.isnan(fb):
+        return "(b) where the gap is: not measured (no before-adaptation numbers)"
+    place = ("already as trained: the gap is in meta-training" if mb < fb else
+             "only after fine-tuning: the adaptation is what loses")
+    return (f"(b) where the gap is: before adaptation {meta} {mb:.4f} vs fedavg {fb:.4f}, after "
+            f"{ma:.4f} vs {fa:.4f}; {meta} is behind {place}; its fine-tuning changes cold "
+            f"NDCG@10 by {(ma / mb - 1) * 100:+.0f} % (fedavg's by {(fa / fb - 1) * 100:+.0f} %)")
+
+
 def verdicts(name: str, summary: dict) -> list[str]:
     """The issue's targets (a)-(c) on this data set's table: met / missed by how much /
     not measured (which rows are missing)."""
@@ -118,6 +133,8 @@ def verdicts(name: str, summary: dict) -> list[str]:
                          f"{fm:.4f} ± {fsd:.4f} ({rel * 100:+.0f} %; target >= +10 % and "
                          f"mean - std above fedavg's mean + std): "
                          + ("**met**" if ok else "**missed**"))
+            if not ok:
+                lines.append(where_the_gap_is(summary, best))
     if name == "ml100k":
         pop = "cold"
         peer = summary.get(PEER, {}).get(pop, (float("nan"),))[0]

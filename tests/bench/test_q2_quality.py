@@ -74,3 +74,22 @@ def test_the_bench_command_rejects_an_unknown_q2_part(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--only", "Q2", "--q2-data", "movielens", "--out", "/nonexistent/never.md"])
     assert exc.value.code == 2 and "invalid choice: 'movielens'" in capsys.readouterr().err
+
+
+def test_a_missed_b_says_whether_the_gap_is_in_training_or_in_adaptation():
+    def rec(method, seed, cold, before):
+        return {**_rec(method, seed, cold, 0.1, 0.1), "before/cold/ndcg@10": before}
+
+    pops = [_rec(b, s, 0.05, 0.05, 0.05) for b in ("popularity", "item-knn") for s in (0, 1)]
+    behind = pops + [rec("fedavg", s, 0.13, 0.13) for s in (0, 1)]
+    behind += [rec("fomaml", s, 0.10, 0.10) for s in (0, 1)]
+    out = "\n".join(verdicts("synthetic", summarise(behind)))
+    assert "(b) cold" in out and "**missed**" in out
+    assert "behind already as trained" in out and "changes cold NDCG@10 by +0 %" in out
+    adapt = pops + [rec("fedavg", s, 0.13, 0.13) for s in (0, 1)]
+    adapt += [rec("reptile", s, 0.10, 0.15) for s in (0, 1)]
+    out = "\n".join(verdicts("synthetic", summarise(adapt)))
+    assert "only after fine-tuning" in out and "by -33 %" in out
+    met = pops + [rec("fedavg", s, 0.10, 0.10) for s in (0, 1)]
+    met += [rec("maml", s, 0.20 + 0.001 * s, 0.2) for s in (0, 1)]
+    assert "where the gap is" not in "\n".join(verdicts("synthetic", summarise(met)))
