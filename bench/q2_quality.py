@@ -181,9 +181,9 @@ def run(quick: bool, echo=print, budget_s: float = 6000.0, seeds: list[int] | No
     out = []
     names = list(datasets)
     for i, (name, data) in enumerate(datasets.items()):
-        # each data set gets an equal share of what is left, so one slow peer run (RecBole
-        # trains to its early stop) cannot starve the data sets after it; target (d) runs on
-        # what the last data set leaves
+        # each data set (and the DP curve, when chosen) gets an equal share of what is left,
+        # so one slow peer run (RecBole trains to its early stop) cannot starve the parts
+        # after it; the curve then runs on whatever the data sets left
         deadline = time.time() + share(final - time.time(), len(names) - i + with_curve)
         overrides = experiment_overrides(data)
         records, skipped = [], []

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.common import (DEVICE_ENV, GpuSampler, gpu_facts, machine, on_cuda,
                           set_bench_device, table, write_sections)
+from bench.q2_quality import PARTS as Q2_PARTS
 
 FIGURES = ["P1", "P2", "P3", "P4", "P6", "Q1"]
 ON_REQUEST = ["P5", "Q2"]   # only with --only: P5 and Q2 install a peer into .bench/
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--q2-minutes", type=float, default=300.0,
                         help="Q2 time budget; rows not started within it are marked not run")
     parser.add_argument("--q2-data", nargs="+", metavar="PART", default=None,
-                        choices=["synthetic", "real_cross_domain", "ml100k", "dp-curve"],
+                        choices=Q2_PARTS,
                         help="Q2 parts to run (default: every data set, then the DP curve); "
                              "the section names the parts left out")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
