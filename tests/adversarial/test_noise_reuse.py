@@ -76,7 +76,7 @@ def test_replays_and_equal_sized_nodes_draw_fresh_noise(fed, tmp_path, monkeypat
     keys = sp.non_token_keys(fed.params)
     rows_a, rows_b = steps[0].token_rows, steps[2].token_rows
     xa, xb = sp.flat(first_delta, keys), sp.flat(other_delta, keys)
-    # a step whose Poisson sample (os.urandom) read no cut of the token table has no row
+    # a step whose Poisson sample (os.urandom) was empty privatizes no cut of the table: no row
     # count (None): there is no cut length to line the streams up by, only the plain overlap
     shifts = {0}
     if rows_a is not None and rows_b is not None:
